@@ -1,0 +1,36 @@
+# guidebench: `make demo` (set up + the main job on the embedded digits default), `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := outputs/demo
+RUN    := $(BIN)/guidebench-run -m experiment=demo hydra.sweep.dir=$(DEMO)
+
+.PHONY: help setup demo test test-full lint clean
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup: $(STAMP)  ## create .venv and install guidebench (editable) with its dependencies
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q uv
+	$(BIN)/uv pip install -q --native-tls --python $(BIN)/python -c constraints.txt -e '.[dev,slurm,fid]'
+	touch $@
+
+demo: setup  ## sample none / cfg / classifier guidance on digits and digits_uncond, evaluate, report
+	$(RUN) backbone=digits guidance=none
+	$(RUN) backbone=digits guidance=cfg guidance.scale=1.5,2,3,5
+	$(RUN) backbone=digits guidance=classifier guidance.scale=1,3,10
+	$(RUN) backbone=digits_uncond guidance=none
+	$(RUN) backbone=digits_uncond guidance=classifier guidance.scale=1,3,10,30
+	$(BIN)/guidebench-report report.root=$(DEMO) report.out_dir=$(DEMO)
+
+test: setup  ## the fast suite (everything not marked slow)
+	$(BIN)/pytest -m "not slow"
+
+test-full: setup  ## every test, full-size architectures included
+	$(BIN)/pytest
+
+clean:  ## remove outputs (not the environment)
+	rm -rf outputs multirun

@@ -1,0 +1,54 @@
+"""Turn seeds into images: latents and labels from each sample's own seed, one solver call, decoding."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from guidebench.guidance.base import Guidance, NoGuidance
+from guidebench.rng import StackedRandomGenerator
+
+
+def to_uint8(x: torch.Tensor, rule: str = "adm") -> np.ndarray:
+    """Images in [-1, 1], [B, C, H, W] -> uint8 NHWC, by the rule of the code whose numbers we reproduce.
+
+    adm: (x + 1) * 127.5 clamped and truncated (guided-diffusion, DiT);
+    edm: x * 127.5 + 128 clamped and truncated, i.e. rounded (NVlabs/edm generate.py, DiT sample_ddp.py).
+    """
+    if rule == "adm":
+        x = (x.to(torch.float32) + 1) * 127.5
+    elif rule == "edm":
+        x = x.to(torch.float32) * 127.5 + 128
+    else:
+        raise ValueError(f"unknown uint8 rule {rule!r}; expected 'adm' or 'edm'")
+    return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def generate(denoiser, solver: Callable, sigmas: torch.Tensor, seeds: Sequence[int], *,
+             num_classes: int, guidance: Guidance | None = None, decoder: Callable | None = None,
+             device: torch.device | str = "cpu", uint8_rule: str = "adm") -> dict[str, np.ndarray]:
+    """Sample one image per seed.
+
+    RNG per seed (EDM generate.py order): latents randn([C, R, R]), then the label randint(num_classes),
+    then whatever the solver draws. The start is x = latents * sqrt(1 + sigma_0^2) for VP models
+    (x_T ~ N(0, I) in VP coordinates) and latents * sigma_0 otherwise.
+    Returns images (uint8 NHWC; non-finite samples dropped), labels (int64, -1 without classes),
+    the kept positions `kept` and the positions of non-finite samples `nonfinite`.
+    """
+    rng = StackedRandomGenerator(device, seeds)
+    n = len(seeds)
+    latents = rng.randn([n, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution])
+    labels = rng.randint(num_classes, size=[n]) if num_classes > 0 else None
+    sigmas = sigmas.to(device)
+    scale = (1 + sigmas[0] ** 2).sqrt() if getattr(denoiser, "variance_preserving", False) else sigmas[0]
+    x = solver(denoiser, latents.to(torch.float64) * scale, sigmas, labels, guidance=guidance or NoGuidance(), rng=rng)
+    if decoder is not None:
+        x = decoder(x.to(torch.float32))
+    finite = torch.isfinite(x.reshape(n, -1)).all(dim=1).cpu().numpy()
+    images = to_uint8(torch.nan_to_num(x), uint8_rule)
+    labels_np = labels.cpu().numpy() if labels is not None else np.full(n, -1, dtype=np.int64)
+    return {"images": images[finite], "labels": labels_np[finite],
+            "kept": np.flatnonzero(finite), "nonfinite": np.flatnonzero(~finite)}

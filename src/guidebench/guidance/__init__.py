@@ -1,0 +1,7 @@
+"""Guidance methods: each changes one denoising step and nothing else."""
+
+from guidebench.guidance.base import Guidance, NoGuidance
+from guidebench.guidance.cfg import ClassifierFreeGuidance
+from guidebench.guidance.classifier import ClassifierGuidance
+
+__all__ = ["Guidance", "NoGuidance", "ClassifierFreeGuidance", "ClassifierGuidance"]
