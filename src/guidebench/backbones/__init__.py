@@ -1,0 +1,1 @@
+"""Backbones: released diffusion networks, each loaded as a `guidebench.denoisers.Denoiser`."""
