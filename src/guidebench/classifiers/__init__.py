@@ -1,0 +1,1 @@
+"""Noise-aware classifiers `classifier(x, sigma) -> logits` in sigma space, for classifier guidance."""
