@@ -1,0 +1,167 @@
+"""Reports over evaluated runs: summary tables, sample grids and the guidance trade-off plot.
+
+Per run folder (RUN/run.json from sampling, RUN/metrics.json from guidebench-evaluate):
+    RUN/summary.csv   one row: the run's configuration and metrics (COLUMNS)
+    RUN/grid.png      its first samples, nearest-neighbour upscaled
+Over all runs, in the report's output folder:
+    summary.csv       one row per run (also printed)
+    tradeoff.png      FID vs IS and precision vs recall, one curve per (backbone, guidance) over its scales,
+                      as in the guidance-strength sweeps of Dhariwal & Nichol 2021 and Ho & Salimans 2022
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+from guidebench.evaluation.sources import ShardSource
+
+COLUMNS = ("run", "backbone", "guidance", "scale", "num_samples", "fid", "is", "precision", "recall", "kid",
+           "accuracy")
+METRICS = ("fid", "is", "precision", "recall", "kid", "accuracy")
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """Every folder under `root` (itself included) holding a metrics.json, e.g. the jobs of a Hydra multirun."""
+    runs = sorted(p.parent for p in Path(root).rglob("metrics.json"))
+    if not runs:
+        raise FileNotFoundError(f"no metrics.json under {root}; evaluate the runs first (guidebench-evaluate)")
+    return runs
+
+
+def summarize(run: str | Path, name: str | None = None) -> dict[str, Any]:
+    """The summary row of one run: run.json's fingerprint (if any) and metrics.json's numbers."""
+    run = Path(run)
+    if not (run / "metrics.json").is_file():
+        raise FileNotFoundError(f"{run / 'metrics.json'} not found; evaluate it first: "
+                                f"guidebench-evaluate evaluation.samples={run}")
+    metrics = json.loads((run / "metrics.json").read_text())
+    fingerprint = json.loads((run / "run.json").read_text()).get("fingerprint", {}) \
+        if (run / "run.json").is_file() else {}
+    return {"run": name or run.name, "backbone": fingerprint.get("backbone"), "guidance": fingerprint.get("guidance"),
+            "scale": fingerprint.get("scale"), "num_samples": metrics.get("num_samples", fingerprint.get("num_samples")),
+            **{k: metrics.get(k) for k in METRICS}}
+
+
+def write_csv(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: "" if row[k] is None else row[k] for k in COLUMNS} for row in rows)
+    return path
+
+
+def sample_grid(run: str | Path, num: int = 100, order: str = "label", min_cell: int = 32) -> np.ndarray:
+    """The first `num` samples of a run's shards as one uint8 [rows*H*s, cols*W*s, C] image.
+
+    order: 'label' (stable-sorted by class label) or 'index'. Each image is upscaled by the nearest-neighbour
+    factor s = ceil(min_cell / max(H, W)), so 8x8 digits become 32x32 cells. ceil(sqrt(n)) columns.
+    """
+    if order not in ("label", "index"):
+        raise ValueError(f"grid order must be 'label' or 'index', got {order!r}")
+    source = ShardSource(run)
+    n = min(num, len(source))
+    images = np.stack([source[i].numpy().transpose(1, 2, 0) for i in range(n)])
+    if order == "label":
+        images = images[np.argsort(source.labels[:n], kind="stable")]
+    cols = math.ceil(math.sqrt(n))
+    rows, (h, w, c) = math.ceil(n / cols), images.shape[1:]
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        grid[i // cols * h:(i // cols + 1) * h, i % cols * w:(i % cols + 1) * w] = image
+    s = max(1, math.ceil(min_cell / max(h, w)))
+    return grid.repeat(s, axis=0).repeat(s, axis=1)
+
+
+def write_grid(run: str | Path, path: str | Path, num: int = 100, order: str = "label") -> Path:
+    grid = sample_grid(run, num, order)
+    Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(path)
+    return Path(path)
+
+
+def _scale_key(row: dict[str, Any]) -> tuple:
+    scale = row["scale"]
+    return (isinstance(scale, (int, float)), scale if isinstance(scale, (int, float)) else str(scale))
+
+
+def tradeoff_figure(rows: list[dict[str, Any]]) -> Figure:
+    """Two panels, FID vs IS and precision vs recall; one curve per (backbone, guidance), points labelled by scale."""
+    curves = defaultdict(list)
+    for row in rows:
+        curves[(row["backbone"], row["guidance"])].append(row)
+    fig = Figure(figsize=(11, 4.5))
+    panels = fig.subplots(1, 2)
+    for (backbone, guidance), members in sorted(curves.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        members = sorted(members, key=_scale_key)
+        for ax, (x, y) in zip(panels, (("is", "fid"), ("recall", "precision"))):
+            points = [(r[x], r[y], r["scale"]) for r in members if r[x] is not None and r[y] is not None]
+            if not points:
+                continue
+            xs, ys, scales = zip(*points)
+            ax.plot(xs, ys, marker="o", label=f"{backbone} / {guidance}")
+            for px, py, scale in points:
+                if scale is not None:
+                    ax.annotate(f"{scale:g}" if isinstance(scale, (int, float)) else str(scale), (px, py),
+                                textcoords="offset points", xytext=(4, 4), fontsize=8)
+    panels[0].set(xlabel="Inception score", ylabel="FID", title="FID vs IS")
+    panels[1].set(xlabel="recall", ylabel="precision", title="precision vs recall")
+    for ax in panels:
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff_plot(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    tradeoff_figure(rows).savefig(path, dpi=120)
+    return Path(path)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def cell(v: Any) -> str:
+        return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [list(COLUMNS)] + [[cell(row[k]) for k in COLUMNS] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells)
+
+
+def write_run_report(run: str | Path, name: str | None = None, *, grid: bool = True, grid_size: int = 100,
+                     grid_order: str = "label") -> dict[str, Any]:
+    """One run's summary.csv and (from its shards) grid.png; returns the summary row."""
+    run = Path(run)
+    row = summarize(run, name)
+    write_csv([row], run / "summary.csv")
+    if grid and (run / "shards").is_dir():
+        write_grid(run, run / "grid.png", grid_size, grid_order)
+    return row
+
+
+def report(runs: Iterable[str | Path] = (), root: str | Path | None = None, out_dir: str | Path | None = None, *,
+           grid: bool = True, grid_size: int = 100, grid_order: str = "label") -> list[dict[str, Any]]:
+    """Summaries of `runs` (or of every run under `root`): each run's summary.csv and grid.png, then the
+    table (printed, out_dir/summary.csv) and out_dir/tradeoff.png. out_dir defaults to `root`."""
+    runs = [Path(r) for r in runs] or (find_runs(root) if root is not None else [])
+    if not runs:
+        raise ValueError("nothing to report: set report.runs=[DIR,...] or report.root=DIR")
+    out_dir = Path(out_dir if out_dir is not None else root if root is not None else ".")
+    rows = []
+    for run in runs:
+        name = str(run.relative_to(root)) if root is not None and run != Path(root) else run.name
+        rows.append(write_run_report(run, name, grid=grid, grid_size=grid_size, grid_order=grid_order))
+    rows.sort(key=lambda r: (str(r["backbone"]), str(r["guidance"]), _scale_key(r), r["run"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / "summary.csv")
+    tradeoff_plot(rows, out_dir / "tradeoff.png")
+    print(format_table(rows))
+    return rows
