@@ -104,7 +104,8 @@ def evaluate_adm(samples: Iterable[torch.Tensor], reference: str | Path, extract
     if "kid" in metrics:
         out["kid" + suffix], out["kid_std" + suffix] = adm_metrics.kernel_inception_distance(
             torch.from_numpy(kept["pool"]), torch.from_numpy(ref.features["pool"]), subsets=opts["kid_subsets"],
-            subset_size=opts["kid_subset_size"], seed=opts["kid_seed"])
+            subset_size=min(opts["kid_subset_size"], len(kept["pool"]), len(ref.features["pool"])),  # as the digits suite
+            seed=opts["kid_seed"])
     out["reference_stats_from_file" + suffix] = list(ref.stats_from_file)
     out["extractor" + suffix] = extractor.name
     return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in out.items()}
