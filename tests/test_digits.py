@@ -166,3 +166,22 @@ def test_shipped_diffusion_samples_the_requested_digits():
         rates[conditional] = (evalnet(images)["logits"].argmax(1) == labels).float().mean().item()
     assert rates[True] > 0.85, rates
     assert rates[False] < 0.35, rates
+
+
+@pytest.mark.parametrize("respacing", ["100", "ddim25"])
+def test_shipped_diffusion_ddpm_from_t_max(respacing):
+    """Ancestral DDPM from t = T (sigma ~ 2e4 on the cosine schedule) needs ADM's x0 clipping to stay sane."""
+    from guidebench.rng import StackedRandomGenerator
+    from guidebench.samplers import sample_ddpm
+
+    evalnet = load_evalnet(shipped("evalnet"))
+    labels = torch.arange(64) % 10
+    denoiser = load_denoiser(shipped("diffusion"))
+    sigmas = sigmas_respaced(denoiser, respacing)
+    rng = StackedRandomGenerator("cpu", range(64))
+    with torch.no_grad():
+        x0 = sample_ddpm(denoiser, rng.randn([64, 1, 8, 8], torch.float64) * (1 + sigmas[0] ** 2).sqrt(), sigmas,
+                         labels, rng=rng)
+    assert x0.abs().max() <= 1.0 + 1e-6
+    images = ((x0 + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    assert (evalnet(images)["logits"].argmax(1) == labels).float().mean().item() > 0.85

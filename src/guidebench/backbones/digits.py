@@ -127,8 +127,12 @@ def load_unet(checkpoint: str | Path) -> DigitsUNet:
     return load_trained(checkpoint, "diffusion", DigitsUNet, config_key="backbone.denoiser.checkpoint")
 
 
-def make_denoiser(net: DigitsUNet, conditional: bool = True) -> DiscreteVPDenoiser:
-    """Wrap a DigitsUNet as a sigma-space denoiser; conditional=False always feeds the null label."""
+def make_denoiser(net: DigitsUNet, conditional: bool = True, clip_x0: bool = True) -> DiscreteVPDenoiser:
+    """Wrap a DigitsUNet as a sigma-space denoiser; conditional=False always feeds the null label.
+
+    clip_x0 clamps x0 to [-1, 1] as ADM's clip_denoised: near t = T of the cosine schedule
+    (sigma ~ 2e4) x0 = x - sigma eps amplifies the network's eps error by sigma.
+    """
     return DiscreteVPDenoiser(
         net if conditional else _NullLabel(net),
         betas_for_schedule(BETA_SCHEDULE, NUM_TIMESTEPS),
@@ -137,13 +141,14 @@ def make_denoiser(net: DigitsUNet, conditional: bool = True) -> DiscreteVPDenois
         num_classes=net.num_classes,
         null_label=net.num_classes if conditional else None,
         parameterisation="eps",
+        clip_x0=clip_x0,
     )
 
 
-def load_denoiser(checkpoint: str | Path, conditional: bool = True) -> DiscreteVPDenoiser:
+def load_denoiser(checkpoint: str | Path, conditional: bool = True, clip_x0: bool = True) -> DiscreteVPDenoiser:
     """The digits diffusion model as D(x; sigma, y).
 
     conditional=False is the unconditional model (the analogue of ADM's 256x256_diffusion_uncond.pt):
     the net always sees the null label and `labels` are ignored.
     """
-    return make_denoiser(load_unet(checkpoint), conditional)
+    return make_denoiser(load_unet(checkpoint), conditional, clip_x0)

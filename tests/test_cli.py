@@ -1,0 +1,95 @@
+"""The README's command lines on the shipped digits models, end to end, as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guidebench.shards import list_shards, read_shard
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+
+
+def cli(name, *args, cwd, check=True):
+    proc = subprocess.run([str(BIN / name), *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_run_writes_shards_metrics_summary_and_grid(tmp_path):
+    run = tmp_path / "run"
+    cli("guidebench-run", "backbone=digits", "guidance=cfg", "guidance.scale=2", "sampling.num_samples=512",
+        f"hydra.run.dir={run}", "evaluation.cache_dir=" + str(tmp_path / "cache"), cwd=tmp_path)
+    shards = [read_shard(p) for p in list_shards(run)]
+    assert sum(len(s["arr_0"]) for s in shards) == 512 and shards[0]["arr_0"].shape[1:] == (8, 8, 1)
+    assert np.array_equal(np.concatenate([s["indices"] for s in shards]), np.arange(512))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_samples"] == 512 and metrics["accuracy"] > 0.9 and metrics["fid"] > 0
+    summary = (run / "summary.csv").read_text().splitlines()
+    assert summary[0].split(",")[:5] == ["run", "backbone", "guidance", "scale", "num_samples"]
+    assert summary[1].startswith("run,digits,cfg,2,512,")
+    assert (run / "grid.png").stat().st_size > 0
+    fingerprint = json.loads((run / "run.json").read_text())["fingerprint"]
+    assert fingerprint["guidance"] == "cfg" and fingerprint["scale"] == 2.0
+
+
+def test_sweep_then_report_draws_the_tradeoff(tmp_path):
+    sweep = tmp_path / "sweep"
+    cli("guidebench-run", "-m", "backbone=digits", "guidance=cfg", "guidance.scale=1,2,4",
+        "sampling.num_samples=200", f"hydra.sweep.dir={sweep}", "evaluation.cache_dir=" + str(tmp_path / "cache"),
+        cwd=tmp_path)
+    runs = sorted(p.parent for p in sweep.rglob("metrics.json"))
+    assert len(runs) == 3
+    scales = sorted(json.loads((r / "run.json").read_text())["fingerprint"]["scale"] for r in runs)
+    assert scales == [1.0, 2.0, 4.0]
+    cli("guidebench-report", f"report.root={sweep}", cwd=tmp_path)
+    table = (sweep / "summary.csv").read_text().splitlines()
+    assert len(table) == 4 and (sweep / "tradeoff.png").stat().st_size > 0
+
+
+def test_resume_refuse_and_nonfinite(tmp_path):
+    out = tmp_path / "samples"
+    args = ["backbone=digits", "sampling.num_samples=40", "sampling.shard_size=16", f"sampling.out_dir={out}",
+            f"hydra.run.dir={tmp_path / 'h'}"]
+    cli("guidebench-sample", *args, "guidance=none", cwd=tmp_path)
+    stamps = [p.stat().st_mtime_ns for p in list_shards(out)]
+    assert len(stamps) == 3
+    cli("guidebench-sample", *args, "guidance=none", "sampling.batch_size=7", cwd=tmp_path)  # resumes: nothing to do
+    assert [p.stat().st_mtime_ns for p in list_shards(out)] == stamps
+    refused = cli("guidebench-sample", *args, "guidance=cfg", cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and "different configuration" in refused.stderr
+    assert [p.stat().st_mtime_ns for p in list_shards(out)] == stamps  # nothing lost
+    bad = cli("guidebench-sample", *args, "guidance=cfg", "guidance.scale=1e30", "sampling.overwrite=true",
+              cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "NaN/inf" in bad.stderr
+    info = json.loads((out / "run.json").read_text())
+    assert info["nonfinite"] + info["written"] == 40 and info["nonfinite"] > 0
+
+
+def test_unknown_backbone_lists_choices(tmp_path):
+    proc = cli("guidebench-sample", "backbone=imagenet_nope", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "digits_uncond" in proc.stderr
+
+
+def test_two_processes_write_the_same_shards_as_one(tmp_path):
+    """Accelerate: process r of W writes shards r, r + W, ...; the samples do not change with W."""
+    common = ["backbone=digits", "guidance=cfg", "sampling.num_samples=48", "sampling.shard_size=12",
+              "sampling.device=cpu", "sampler.schedule.respacing=ddim10"]
+    cli("guidebench-sample", *common, f"sampling.out_dir={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'h1'}",
+        cwd=tmp_path)
+    subprocess.run([str(BIN / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "guidebench.cli.sample", *common,
+                    f"sampling.out_dir={tmp_path / 'two'}", f"sampling.batch_size=5", f"hydra.run.dir={tmp_path / 'h2'}"],
+                   cwd=tmp_path, env=ENV, check=True, capture_output=True, timeout=900)
+    one, two = list_shards(tmp_path / "one"), list_shards(tmp_path / "two")
+    assert [p.name for p in one] == [p.name for p in two] and len(one) == 4
+    for a, b in zip(one, two):
+        a, b = read_shard(a), read_shard(b)
+        assert np.array_equal(a["indices"], b["indices"]) and np.array_equal(a["arr_1"], b["arr_1"])
+        assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # batch 250 vs 5: float noise
