@@ -55,7 +55,7 @@ def yaml_flags(group: str, name: str) -> dict:
     return {k: v for k, v in OmegaConf.to_container(node).items() if k not in LOADER_ONLY}
 
 
-def test_parameter_counts():
+def test_parameter_counts(capsys):
     """Every released configuration builds with exactly the released number of parameters."""
     counts = {}
     with torch.device("meta"):
@@ -65,8 +65,9 @@ def test_parameter_counts():
         for name, expected in CLASSIFIER_PARAMS.items():
             counts["classifier", name] = (
                 sum(p.numel() for p in create_classifier(yaml_flags("classifier", name)).parameters()), expected)
-    for key, (n, expected) in counts.items():
-        print(f"{key[0]}/{key[1]}: {n:,} parameters")
+    with capsys.disabled():
+        for key, (n, expected) in counts.items():
+            print(f"\n{key[0]}/{key[1]}: {n:,} parameters", end="")
     assert {k: n for k, (n, _) in counts.items()} == {k: e for k, (_, e) in counts.items()}
 
 

@@ -93,3 +93,14 @@ def test_two_processes_write_the_same_shards_as_one(tmp_path):
         a, b = read_shard(a), read_shard(b)
         assert np.array_equal(a["indices"], b["indices"]) and np.array_equal(a["arr_1"], b["arr_1"])
         assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # batch 250 vs 5: float noise
+
+
+def test_wandb_logs_offline_into_the_run_folder(tmp_path):
+    run = tmp_path / "run"
+    cli("guidebench-run", "backbone=digits", "logger=wandb", "sampling.num_samples=32", f"hydra.run.dir={run}",
+        "sampler.schedule.respacing=ddim10", f"evaluation.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    (log,) = offline.glob("*.wandb")  # the run's record, for `wandb sync` later
+    record = log.read_bytes()
+    assert b"num_samples" in record and b"fid" in record and b"accuracy" in record  # config and metrics
+    assert any((offline / "files" / "media" / "images").glob("grid_*.png"))

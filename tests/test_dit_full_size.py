@@ -24,9 +24,11 @@ def numel(tensors):
     return sum(t.numel() for t in tensors)
 
 
-def test_xl2_has_the_released_parameter_count():
+def test_xl2_has_the_released_parameter_count(capsys):
     """DiT's count (train.py) includes the frozen pos_embed, which is also in the released file."""
     net = meta_dit("DiT-XL/2", 256)
+    with capsys.disabled():
+        print(f"\nDiT-XL/2 256: {numel(net.state_dict().values()):,} parameters (pos_embed included)", end="")
     assert numel(net.state_dict().values()) == 675_129_632
     assert numel(net.parameters()) == 675_129_632 - 256 * 1152
     assert numel(meta_dit("DiT-XL/2", 512).state_dict().values()) == 675_129_632 + (1024 - 256) * 1152

@@ -175,9 +175,12 @@ def imagenet64():
     return EDMPrecond(**IMAGENET64).eval()
 
 
-def test_full_size_parameter_count(imagenet64):
+def test_full_size_parameter_count(imagenet64, capsys):
     """295,899,267 parameters = EDM's 295.90 M "model capacity" for ImageNet-64 (Karras et al. 2022, Table 7)."""
-    assert sum(p.numel() for p in imagenet64.parameters()) == 295_899_267
+    count = sum(p.numel() for p in imagenet64.parameters())
+    with capsys.disabled():
+        print(f"\nEDM ImageNet-64 (DhariwalUNet): {count:,} parameters", end="")
+    assert count == 295_899_267
     sd = imagenet64.state_dict()
     assert sd["model.map_label.weight"].shape == (768, 1000)
     assert sd["model.enc.64x64_conv.weight"].shape == (192, 3, 3, 3)
