@@ -7,6 +7,7 @@ sizes Dhariwal & Nichol 2021 report (e.g. 559M for ImageNet 512x512).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ FILES = {
     ("classifier", "adm_256"): "256x256_classifier.pt",
     ("classifier", "adm_512"): "512x512_classifier.pt",
 }
-LOADER_ONLY = ("_target_", "checkpoint", "dtype", "clip_x0")
+LOADER_ONLY = ("_target_", "checkpoint", "dtype", "clip_x0", "sha256")
 TINY = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
             num_head_channels=32, class_cond=True, learn_sigma=True)
 
@@ -126,6 +127,16 @@ def test_tiny_checkpoint_round_trip(tiny_state, tmp_path):
     den = load_denoiser(path, **TINY)
     for k, v in den.net.state_dict().items():
         assert torch.equal(v, tiny_state[k]), k
+
+
+def test_pinned_sha256_is_checked(tiny_state, tmp_path):
+    path = tmp_path / "64x64_diffusion.pt"
+    torch.save(tiny_state, path)
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    load_denoiser(path, sha256=actual, **TINY)
+    with pytest.raises(CheckpointError, match=f"sha256 {actual} but expected {'0' * 64}") as err:
+        load_denoiser(path, sha256="0" * 64, **TINY)
+    assert str(path) in str(err.value) and RELEASE_URL in str(err.value)
 
 
 def test_wrong_shape_names_key_and_shapes(tiny_state, tmp_path):

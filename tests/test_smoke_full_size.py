@@ -43,7 +43,7 @@ def run_smoke(compose_cfg, tmp_path, overrides, size):
 def test_adm_64_released_architecture(compose_cfg, tmp_path):
     cfg = compose_cfg("run", ["backbone=adm_64"])
     flags = {k: v for k, v in OmegaConf.to_container(cfg.backbone.denoiser).items()
-             if k not in ("_target_", "checkpoint", "dtype", "clip_x0")}
+             if k not in ("_target_", "checkpoint", "dtype", "clip_x0", "sha256")}
     torch.save(create_unet(flags).state_dict(), tmp_path / "64x64_diffusion.pt")
     run_smoke(compose_cfg, tmp_path, ["backbone=adm_64", f"backbone.denoiser.checkpoint={tmp_path / '64x64_diffusion.pt'}",
                                       "backbone.denoiser.dtype=float32"], 64)

@@ -447,7 +447,7 @@ def load_weights(net: nn.Module, checkpoint: str | Path, config_key: str) -> Non
 
 
 def load_denoiser(checkpoint: str | Path, *, dtype: str | None = None, clip_x0: bool = True,
-                  **flags: Any) -> DiscreteVPDenoiser:
+                  sha256: str | None = None, **flags: Any) -> DiscreteVPDenoiser:
     """A released ADM diffusion model as D(x; sigma, y).
 
     checkpoint: a guided-diffusion state dict (e.g. 256x256_diffusion.pt);
@@ -455,12 +455,14 @@ def load_denoiser(checkpoint: str | Path, *, dtype: str | None = None, clip_x0: 
            of them (the sampler's schedule);
     dtype: compute dtype of the U-Net torso (float32 / float16 / bfloat16); default float16 if
            use_fp16 else float32; outputs are float32;
-    clip_x0: clamp x0 to [-1, 1] (ADM's clip_denoised, on in all its sampling scripts).
+    clip_x0: clamp x0 to [-1, 1] (ADM's clip_denoised, on in all its sampling scripts);
+    sha256: if given, the file must have this hash.
     Labels index the 1000 ImageNet classes; there is no null label (ADM is not trained for CFG).
     """
     f = complete_flags(flags, {**MODEL_DEFAULTS, **DIFFUSION_DEFAULTS}, "model")
     compute_dtype = resolve_dtype(dtype, f["use_fp16"])
-    require_file(checkpoint, source=checkpoint_source(checkpoint), config_key="backbone.denoiser.checkpoint")
+    require_file(checkpoint, source=checkpoint_source(checkpoint), sha256=sha256,
+                 config_key="backbone.denoiser.checkpoint")
     net = create_unet(f)
     load_weights(net, checkpoint, "backbone.denoiser.checkpoint")
     net.set_dtype(compute_dtype)

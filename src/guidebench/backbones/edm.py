@@ -373,7 +373,8 @@ def _source(path: Path) -> str:
     return f"{url} (NVlabs/edm README)" if url else f"an NVlabs/edm network pickle (released files: {RELEASE_URL})"
 
 
-def load_network(checkpoint: str | Path, key: str = "ema", *, config_key: str | None = None) -> nn.Module:
+def load_network(checkpoint: str | Path, key: str = "ema", *, config_key: str | None = None,
+                 sha256: str | None = None) -> nn.Module:
     """EDMPrecond / iDDPMPrecond from an EDM network pickle, in eval mode without gradients.
 
     The pickle is decoded by `edm_pickle.read_network_pickle` (no pickled code is imported or run); the
@@ -382,7 +383,7 @@ def load_network(checkpoint: str | Path, key: str = "ema", *, config_key: str | 
     """
     path = Path(checkpoint).expanduser()
     source = _source(path)
-    require_file(path, source=source, config_key=config_key)
+    require_file(path, source=source, sha256=sha256, config_key=config_key)
     data = read_network_pickle(path)
     if not isinstance(data, dict) or key not in data:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
@@ -403,14 +404,16 @@ def load_network(checkpoint: str | Path, key: str = "ema", *, config_key: str | 
     return net.eval().requires_grad_(False)
 
 
-def load_denoiser(checkpoint: str | Path, key: str = "ema", use_fp16: bool | None = None) -> EDMDenoiser:
+def load_denoiser(checkpoint: str | Path, key: str = "ema", use_fp16: bool | None = None,
+                  sha256: str | None = None) -> EDMDenoiser:
     """A released EDM network pickle as D(x; sigma, y).
 
     use_fp16: run the U-Net torso in float16 on CUDA (None: as stored; EDM's ImageNet-64 model says True).
     Sigma range: the network's own (iDDPM: [u_{M-1}, u_0]); EDMPrecond declares [0, inf), so its
     sampling range (0.002, 80) of Karras et al. 2022 sec. 3 is used instead.
+    sha256: if given, the pickle must have this hash.
     """
-    net = load_network(checkpoint, key, config_key="backbone.denoiser.checkpoint")
+    net = load_network(checkpoint, key, config_key="backbone.denoiser.checkpoint", sha256=sha256)
     if use_fp16 is not None:
         net.use_fp16 = use_fp16
     lo, hi = net.sigma_min, net.sigma_max

@@ -42,18 +42,20 @@ class ADMClassifier(nn.Module):
         return self.net(x_t, t * self.timestep_scale if self.timestep_scale != 1 else t).to(torch.float32)
 
 
-def load_classifier(checkpoint: str | Path, *, dtype: str | None = None, **flags: Any) -> ADMClassifier:
+def load_classifier(checkpoint: str | Path, *, dtype: str | None = None, sha256: str | None = None,
+                    **flags: Any) -> ADMClassifier:
     """A released ADM classifier (e.g. 256x256_classifier.pt) as classifier(x, sigma) -> logits.
 
     flags: its CLASSIFIER_FLAGS (classifier_width, classifier_depth, ...) plus the diffusion flags
            of the model it guides (noise_schedule, diffusion_steps): guided-diffusion feeds the
            classifier that model's step indices.
     dtype: compute dtype of the torso (float32 / float16 / bfloat16); default float16 if
-           classifier_use_fp16 else float32.
+           classifier_use_fp16 else float32;
+    sha256: if given, the file must have this hash.
     """
     f = complete_flags(flags, {**CLASSIFIER_DEFAULTS, **DIFFUSION_DEFAULTS}, "classifier")
     compute_dtype = resolve_dtype(dtype, f["classifier_use_fp16"])
-    require_file(checkpoint, source=checkpoint_source(checkpoint), config_key="classifier.checkpoint")
+    require_file(checkpoint, source=checkpoint_source(checkpoint), sha256=sha256, config_key="classifier.checkpoint")
     net = create_classifier(f)
     load_weights(net, checkpoint, "classifier.checkpoint")
     net.set_dtype(compute_dtype)
