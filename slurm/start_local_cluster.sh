@@ -42,7 +42,7 @@ if [ ! -s /etc/munge/munge.key ]; then
 fi
 chown -R munge:munge /etc/munge /var/lib/munge /var/log/munge /run/munge
 chmod 0400 /etc/munge/munge.key
-pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
+pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged --force
 pgrep -x slurmctld >/dev/null || slurmctld
 pgrep -x slurmd >/dev/null || slurmd
 
