@@ -255,10 +255,15 @@ def _build_model(model_type: str, **kwargs) -> nn.Module:
 class _Precond(nn.Module):
     """Shared input handling of EDM's preconditioning wrappers (float32 maths, optional float16 torso)."""
 
-    img_resolution: int
-    img_channels: int
-    label_dim: int
-    use_fp16: bool
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool, model_type: str,
+                 out_channels: int, **model_kwargs):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.model = _build_model(model_type, img_resolution=img_resolution, in_channels=img_channels,
+                                  out_channels=out_channels, label_dim=label_dim, **model_kwargs)
 
     def _labels(self, class_labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
         """[B, label_dim] float32; None -> one all-zero row (EDM's unconditional input)."""
@@ -281,16 +286,10 @@ class EDMPrecond(_Precond):
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  sigma_min: float = 0.0, sigma_max: float = math.inf, sigma_data: float = 0.5,
                  model_type: str = "DhariwalUNet", **model_kwargs):
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, img_channels, **model_kwargs)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.sigma_data = sigma_data
-        self.model = _build_model(model_type, img_resolution=img_resolution, in_channels=img_channels,
-                                  out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None,
                 force_fp32: bool = False) -> torch.Tensor:
@@ -319,16 +318,11 @@ class iDDPMPrecond(_Precond):
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  C_1: float = 0.001, C_2: float = 0.008, M: int = 1000, model_type: str = "DhariwalUNet",
                  **model_kwargs):
-        super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, 2 * img_channels,
+                         **model_kwargs)
         self.C_1 = C_1
         self.C_2 = C_2
         self.M = M
-        self.model = _build_model(model_type, img_resolution=img_resolution, in_channels=img_channels,
-                                  out_channels=2 * img_channels, label_dim=label_dim, **model_kwargs)
         u = torch.zeros(M + 1)  # float32 arithmetic, as EDM's grid (also stored in its pickles as `u`)
         for j in range(M, 0, -1):
             u[j - 1] = ((u[j] ** 2 + 1) / (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1) - 1).sqrt()

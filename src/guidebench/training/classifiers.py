@@ -17,7 +17,7 @@ from guidebench.classifiers.digits import CleanDigitsClassifier, NoisyDigitsClas
 from guidebench.data.digits import load_digits_split
 from guidebench.denoisers.discrete_vp import betas_for_schedule
 from guidebench.training.common import (
-    accuracy, batch_indices, cosine_lr, log_progress, loss_summary, random_shift,
+    accuracy, batch_indices, log_progress, optimizer_step, random_shift, training_summary,
 )
 
 EVAL_SEED = 12345
@@ -54,16 +54,10 @@ def _fit(task: str, model: torch.nn.Module, train: dict,
             sigma = noise_sigmas[torch.randint(0, len(noise_sigmas), (len(y),), generator=gen)].to(torch.float32)
             x = x + sigma.reshape(-1, 1, 1, 1) * torch.randn(x.shape, generator=gen)
         loss = torch.nn.functional.cross_entropy(model(x, sigma), y)
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, train["steps"], train["lr"], train["warmup"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, loss, step, train))
         log_progress(task, step, train["steps"], losses, start)
     model.eval().requires_grad_(False)
-    return model, {**loss_summary(losses), "train_seconds": time.perf_counter() - start,
-                   "num_params": sum(p.numel() for p in model.parameters())}
+    return model, training_summary(model, losses, start)
 
 
 def train_noisy_classifier(model: dict, train: dict) -> tuple[torch.nn.Module, dict]:

@@ -71,6 +71,22 @@ def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, l
     return correct / len(x)
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, train: dict) -> float:
+    """One update with the `cosine_lr` schedule of recipe `train` (steps, lr, warmup); returns the loss value."""
+    for group in opt.param_groups:
+        group["lr"] = cosine_lr(step, train["steps"], train["lr"], train["warmup"])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def training_summary(net: nn.Module, losses: list[float], start: float) -> dict[str, float]:
+    """Loss summary, wall time since `start` and parameter count of a finished training run."""
+    return {**loss_summary(losses), "train_seconds": time.perf_counter() - start,
+            "num_params": sum(p.numel() for p in net.parameters())}
+
+
 def loss_summary(losses: list[float]) -> dict[str, float]:
     """Mean loss over the first and the last tenth of training (at least one step each)."""
     k = max(len(losses) // 10, 1)

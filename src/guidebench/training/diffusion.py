@@ -15,7 +15,7 @@ import torch
 from guidebench.backbones.digits import BETA_SCHEDULE, NUM_TIMESTEPS, DigitsUNet
 from guidebench.data.digits import load_digits_split
 from guidebench.denoisers.discrete_vp import betas_for_schedule
-from guidebench.training.common import EMA, batch_indices, cosine_lr, log_progress, loss_summary
+from guidebench.training.common import EMA, batch_indices, log_progress, optimizer_step, training_summary
 
 
 def train_diffusion(model: dict, train: dict) -> tuple[torch.nn.Module, dict]:
@@ -37,14 +37,7 @@ def train_diffusion(model: dict, train: dict) -> tuple[torch.nn.Module, dict]:
         eps = torch.randn(x0.shape, generator=gen)
         a = abar[t].reshape(-1, 1, 1, 1)
         loss = (net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, y) - eps).square().mean()
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, train["steps"], train["lr"], train["warmup"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        losses.append(optimizer_step(opt, loss, step, train))
         ema.update(net)
-        losses.append(loss.item())
         log_progress("diffusion", step, train["steps"], losses, start)
-    metrics = {**loss_summary(losses), "train_seconds": time.perf_counter() - start,
-               "num_params": sum(p.numel() for p in net.parameters())}
-    return ema.model, metrics
+    return ema.model, training_summary(net, losses, start)

@@ -12,7 +12,7 @@ import torch
 from guidebench.data.digits import load_digits_split
 from guidebench.evaluation.digits_evalnet import DigitsEvalNet
 from guidebench.training.common import (
-    accuracy, batch_indices, cosine_lr, log_progress, loss_summary, random_shift,
+    accuracy, batch_indices, log_progress, optimizer_step, random_shift, training_summary,
 )
 
 
@@ -35,16 +35,10 @@ def train_evalnet(model: dict, train: dict) -> tuple[torch.nn.Module, dict]:
     for step, idx in zip(range(train["steps"]), batch_indices(len(data), train["batch_size"], gen)):
         x = random_shift(images[idx], train["max_shift"], 0, gen)
         loss = torch.nn.functional.cross_entropy(net(x)["logits"], data.labels[idx])
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, train["steps"], train["lr"], train["warmup"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, loss, step, train))
         log_progress("evalnet", step, train["steps"], losses, start)
     net.eval().requires_grad_(False)
-    metrics = {**loss_summary(losses), "train_seconds": time.perf_counter() - start,
-               "num_params": sum(p.numel() for p in net.parameters()),
+    metrics = {**training_summary(net, losses, start),
                "train_split_accuracy": evalnet_accuracy(net, "train"),
                "heldout_split_accuracy": evalnet_accuracy(net, "heldout")}
     return net, metrics
