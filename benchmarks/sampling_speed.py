@@ -11,7 +11,6 @@ Prints, for the shipped digits model (or a random one of the same architecture i
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -20,6 +19,7 @@ from guidebench.guidance import ClassifierFreeGuidance, ClassifierGuidance, NoGu
 from guidebench.rng import StackedRandomGenerator
 from guidebench.samplers import sample_ddim, sample_ddpm
 from guidebench.schedules import sigmas_respaced
+from timing import interleaved
 
 
 class BatchedRandom:
@@ -33,22 +33,10 @@ class BatchedRandom:
 
 
 class TwoForwardCFG(ClassifierFreeGuidance):
-    def __call__(self, denoiser, x, sigma, labels, mean_form=False):
+    def __call__(self, denoiser, x, sigma, labels, mean_form=False, step=None):
         cond = denoiser(x, sigma, labels)
         uncond = denoiser(x, sigma, torch.full_like(labels, denoiser.null_label))
         return cond._replace(x0=uncond.x0 + self.scale * (cond.x0 - uncond.x0))
-
-
-def timed(fn, repeats: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:
@@ -72,13 +60,18 @@ def main() -> None:
         with torch.no_grad():
             solver(den, x, sigmas, y, guidance=guidance, rng=rng)
 
-    per_seed = timed(lambda: run(sample_ddpm, NoGuidance(), StackedRandomGenerator(args.device, range(n))))
-    batched = timed(lambda: run(sample_ddpm, NoGuidance(), BatchedRandom(0, args.device)))
-    cfg_one = timed(lambda: run(sample_ddim, ClassifierFreeGuidance(2.0), None))
-    cfg_two = timed(lambda: run(sample_ddim, TwoForwardCFG(2.0), None))
-    plain = timed(lambda: run(sample_ddim, NoGuidance(), None))
-    classifier = timed(lambda: run(sample_ddim, ClassifierGuidance(clf, 1.0), None))
-    print(f"device={args.device} batch={n} steps={args.steps}")
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    t = interleaved({
+        "per_seed": lambda: run(sample_ddpm, NoGuidance(), StackedRandomGenerator(args.device, range(n))),
+        "batched": lambda: run(sample_ddpm, NoGuidance(), BatchedRandom(0, args.device)),
+        "cfg_one": lambda: run(sample_ddim, ClassifierFreeGuidance(2.0), None),
+        "cfg_two": lambda: run(sample_ddim, TwoForwardCFG(2.0), None),
+        "plain": lambda: run(sample_ddim, NoGuidance(), None),
+        "classifier": lambda: run(sample_ddim, ClassifierGuidance(clf, 1.0), None),
+    }, sync=sync)
+    per_seed, batched, cfg_one, cfg_two, plain, classifier = (t[k] for k in (
+        "per_seed", "batched", "cfg_one", "cfg_two", "plain", "classifier"))
+    print(f"device={args.device} batch={n} steps={args.steps} (min of 3 interleaved rounds)")
     print(f"per-seed RNG / batched RNG (DDPM):        {per_seed / batched:6.2f}  ({per_seed:.2f}s vs {batched:.2f}s)")
     print(f"CFG one batched forward / two forwards:   {cfg_one / cfg_two:6.2f}  ({cfg_one:.2f}s vs {cfg_two:.2f}s)")
     print(f"classifier guidance / unguided (DDIM):    {classifier / plain:6.2f}  ({classifier:.2f}s vs {plain:.2f}s)")

@@ -3,8 +3,9 @@
 Signature: solver(denoiser, x, sigmas, labels, *, guidance, rng, callback, **options) -> x0 (float64).
 `x` is the starting point at sigmas[0] in sigma space (x = x0 + sigma n), `sigmas` a descending
 float64 schedule ending in 0 (`guidebench.schedules`), `rng` a `StackedRandomGenerator`.
-Solvers never know which guidance method is used: they call `guidance(...)` where they would call
-the denoiser, and the DDPM mean form also adds `guidance.mean_shift(...)`. Maths in float64 (as EDM).
+Solvers never know which guidance method is used: they call `guidance.begin(...)` once, and per step
+`guidance.displace(...)`, then `guidance(...)` where they would call the denoiser; the DDPM mean form
+also adds `guidance.mean_shift(...)` (docs/guidance.md). Maths in float64 (as EDM).
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ def _sigma_batch(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigma.to(device=x.device, dtype=torch.float64).expand(x.shape[0])
 
 
-def _denoise(guidance: Guidance, denoiser, x, sigma, labels, **kwargs):
-    den = guidance(denoiser, x.to(torch.float32), _sigma_batch(sigma, x), labels, **kwargs)
+def _denoise(guidance: Guidance, denoiser, x, sigma, labels, step: int, **kwargs):
+    den = guidance(denoiser, x.to(torch.float32), _sigma_batch(sigma, x), labels, step=step, **kwargs)
     return den._replace(x0=den.x0.to(torch.float64))
+
+
+def _displace(guidance: Guidance, denoiser, x, sigma, labels, step: int) -> torch.Tensor:
+    return guidance.displace(denoiser, x, _sigma_batch(sigma, x), labels, step=step).to(torch.float64)
 
 
 def sample_ddim(denoiser, x, sigmas, labels=None, *, guidance: Guidance | None = None,
@@ -44,9 +49,11 @@ def sample_ddim(denoiser, x, sigmas, labels=None, *, guidance: Guidance | None =
     """
     guidance = guidance or NoGuidance()
     x = x.to(torch.float64)
+    guidance.begin(denoiser, sigmas, labels)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        den = _denoise(guidance, denoiser, x, sigma, labels)
+        x = _displace(guidance, denoiser, x, sigma, labels, i)
+        den = _denoise(guidance, denoiser, x, sigma, labels, i)
         eps = (x - den.x0) / sigma
         sigma_up = eta * sigma_next * (1 - sigma_next**2 / sigma**2).clamp_min(0).sqrt() if eta > 0 else sigma_next * 0
         sigma_down = (sigma_next**2 - sigma_up**2).sqrt()
@@ -111,18 +118,23 @@ def sample_ddpm(denoiser, x, sigmas, labels=None, *, guidance: Guidance | None =
         raise ValueError(f"unknown DDPM variance {variance!r}; expected fixed_small, fixed_large or learned")
     guidance = guidance or NoGuidance()
     x = x.to(torch.float64)
+    guidance.begin(denoiser, sigmas, labels)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        den = _denoise(guidance, denoiser, x, sigma, labels, mean_form=True)
+        x = _displace(guidance, denoiser, x, sigma, labels, i)
+        den = _denoise(guidance, denoiser, x, sigma, labels, i, mean_form=True)
         mean, var = ddpm_step_moments(x, den, sigmas, i, variance)
         shift = guidance.mean_shift(denoiser, x.to(torch.float32), _sigma_batch(sigma, x),
-                                    _sigma_batch(sigma_next, x), labels, var)
+                                    _sigma_batch(sigma_next, x), labels, var, den=den, step=i)
         if shift is not None:
             mean = mean + shift.to(torch.float64)
         x = mean + var.sqrt() * rng.randn_like(x) if sigma_next > 0 else mean
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "denoised": den.x0})
     return x
+
+
+sample_ddpm.guidance_form = "mean"
 
 
 def sample_heun(denoiser, x, sigmas, labels=None, *, guidance: Guidance | None = None,
@@ -140,8 +152,10 @@ def sample_heun(denoiser, x, sigmas, labels=None, *, guidance: Guidance | None =
     guidance = guidance or NoGuidance()
     x = x.to(torch.float64)
     n = len(sigmas) - 1
+    guidance.begin(denoiser, sigmas, labels)
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x = _displace(guidance, denoiser, x, sigma, labels, i)
         gamma = min(S_churn / n, math.sqrt(2) - 1) if S_min <= float(sigma) <= S_max else 0.0
         sigma_hat = sigma
         if S_churn > 0:
@@ -149,11 +163,11 @@ def sample_heun(denoiser, x, sigmas, labels=None, *, guidance: Guidance | None =
             if gamma > 0:
                 sigma_hat = torch.as_tensor(denoiser.round_sigma(sigma + gamma * sigma), dtype=torch.float64)
                 x = x + (sigma_hat**2 - sigma**2).sqrt() * S_noise * noise
-        den = _denoise(guidance, denoiser, x, sigma_hat, labels)
+        den = _denoise(guidance, denoiser, x, sigma_hat, labels, i)
         d = (x - den.x0) / sigma_hat
         x_next = x + (sigma_next - sigma_hat) * d
         if sigma_next > 0:
-            den_next = _denoise(guidance, denoiser, x_next, sigma_next, labels)
+            den_next = _denoise(guidance, denoiser, x_next, sigma_next, labels, i)
             d_next = (x_next - den_next.x0) / sigma_next
             x_next = x + (sigma_next - sigma_hat) * (d + d_next) / 2
         x = x_next

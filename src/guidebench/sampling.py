@@ -81,8 +81,8 @@ def sample(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.sampling.out_dir)
     backbone = build_backbone(cfg.backbone, device)
     guidance = build_guidance(cfg, device)
-    guidance.check(backbone.denoiser)
     solver = hydra.utils.instantiate(cfg.sampler.solver)
+    guidance.check(backbone.denoiser, solver)
     sigmas = hydra.utils.instantiate(cfg.sampler.schedule)(backbone.denoiser)
 
     n, size, batch = int(cfg.sampling.num_samples), int(cfg.sampling.shard_size), int(cfg.sampling.batch_size)

@@ -1,4 +1,4 @@
-"""Guidance methods: each changes one denoising step and nothing else."""
+"""Guidance methods: each changes one denoising step and nothing else (docs/guidance.md)."""
 
 from guidebench.guidance.base import Guidance, NoGuidance
 from guidebench.guidance.cfg import ClassifierFreeGuidance

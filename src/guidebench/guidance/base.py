@@ -1,4 +1,4 @@
-"""The guidance interface: called by a solver where it would call the denoiser."""
+"""The guidance interface: what a solver calls where it would call the denoiser (docs/guidance.md)."""
 
 from __future__ import annotations
 
@@ -7,30 +7,55 @@ import torch
 from guidebench.denoisers.base import Denoised
 
 
-class Guidance:
-    """A guidance method changes one step.
+def solver_form(solver) -> str:
+    """'mean' for solvers that add `Guidance.mean_shift` to a posterior mean (DDPM), else 'score'."""
+    return getattr(getattr(solver, "func", solver), "guidance_form", "score")
 
-    `__call__(denoiser, x, sigma, labels, mean_form=False) -> Denoised` replaces D(x; sigma, y).
-    Solvers in the DDPM mean form (Dhariwal & Nichol 2021, Alg. 1) pass mean_form=True and add
-    `mean_shift(...)` to the posterior mean; methods that guide through the mean return the
-    unguided prediction from `__call__` in that case and the shift from `mean_shift`.
+
+class Guidance:
+    """A guidance method changes one step; a solver drives it through four calls.
+
+    Per trajectory (one batch): `begin(denoiser, sigmas, labels)` resets any state (a running max,
+    a momentum) and sees the schedule. Per step i (sigmas[i] -> sigmas[i + 1]), in this order:
+      `displace(denoiser, x, sigma, labels, step=i) -> x`: move the state before the step
+          (a displacement method such as EluCD's EDM branch); identity by default;
+      `__call__(denoiser, x, sigma, labels, mean_form, step=i) -> Denoised`: replaces D(x; sigma, y),
+          every evaluation of the step (both Heun stages) with the same i;
+      `mean_shift(denoiser, x, sigma, sigma_next, labels, variance, den=..., step=i)`: only solvers of
+          the DDPM mean form (Dhariwal & Nichol 2021, Alg. 1) call it and add the shift to the posterior
+          mean; they pass mean_form=True to `__call__`, and a method that guides through the mean then
+          returns the unguided prediction there.
+    `check(denoiser, solver)` raises a clear error before sampling if the method cannot run.
     `scale` is the method's strength (for CFG in the EDM/DiT convention, 1 = unguided).
     """
 
     name = "guidance"
     scale: float = 1.0
 
+    def check(self, denoiser, solver=None) -> None:
+        """Raise a clear error if this method cannot guide `denoiser` with `solver`."""
+
+    def begin(self, denoiser, sigmas: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """A new trajectory over the descending schedule `sigmas` (float64, trailing 0) starts."""
+
+    def displace(self, denoiser, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
+                 step: int | None = None) -> torch.Tensor:
+        """The state x (float64, sigma space) at the start of step `step`, after guidance moved it."""
+        return x
+
     def __call__(self, denoiser, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
-                 mean_form: bool = False) -> Denoised:
+                 mean_form: bool = False, step: int | None = None) -> Denoised:
         return denoiser(x, sigma, labels)
 
     def mean_shift(self, denoiser, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
-                   labels: torch.Tensor | None, variance: torch.Tensor) -> torch.Tensor | None:
-        """Shift of the DDPM posterior mean (sigma space), or None for methods that guide D itself."""
-        return None
+                   labels: torch.Tensor | None, variance: torch.Tensor, den: Denoised | None = None,
+                   step: int | None = None) -> torch.Tensor | None:
+        """Shift of the DDPM posterior mean (sigma space), or None for methods that guide D itself.
 
-    def check(self, denoiser) -> None:
-        """Raise a clear error if this method cannot guide `denoiser`."""
+        variance: the step's posterior variance in sigma space (`ddpm_step_moments`); den: the
+        prediction `__call__(..., mean_form=True)` returned for this step.
+        """
+        return None
 
 
 class NoGuidance(Guidance):

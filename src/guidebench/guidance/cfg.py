@@ -37,7 +37,7 @@ class ClassifierFreeGuidance(Guidance):
         """Ho & Salimans' guidance strength w = scale - 1."""
         return self.scale - 1
 
-    def check(self, denoiser) -> None:
+    def check(self, denoiser, solver=None) -> None:
         if getattr(denoiser, "null_label", None) is None:
             raise ValueError(
                 f"guidance=cfg needs a conditional backbone with a null label; {type(denoiser).__name__} has none "
@@ -46,7 +46,7 @@ class ClassifierFreeGuidance(Guidance):
         if self.channels is not None and self.channels > denoiser.img_channels:
             raise ValueError(f"cfg channels={self.channels} exceeds the backbone's {denoiser.img_channels} channels")
 
-    def __call__(self, denoiser, x, sigma, labels, mean_form: bool = False) -> Denoised:
+    def __call__(self, denoiser, x, sigma, labels, mean_form: bool = False, step: int | None = None) -> Denoised:
         if self.scale == 1:
             return denoiser(x, sigma, labels)
         null = torch.full_like(labels, denoiser.null_label)
