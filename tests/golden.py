@@ -24,3 +24,19 @@ def golden_path(name: str) -> Path:
 
 def load_golden(name: str) -> dict:
     return torch.load(golden_path(name), map_location="cpu", weights_only=True)
+
+
+
+def elucd_fixture_resnet(g: dict) -> torch.nn.Module:
+    """The stand-in ResNet of elucd_classifier.pt, unloaded: torchvision's ResNet with a Bottleneck of expansion 1
+    (still a Bottleneck for EluCD's swap rule), built from `fixture_arch`."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    class Bottleneck1(Bottleneck):
+        expansion = 1
+
+    arch = g["fixture_arch"]
+    assert (arch["constructor"], arch["block"]) == ("torchvision.models.resnet.ResNet", "Bottleneck1")
+    keys = ("num_classes", "zero_init_residual", "groups", "width_per_group", "replace_stride_with_dilation",
+            "norm_layer")
+    return ResNet(Bottleneck1, arch["layers"], **{k: arch[k] for k in keys})

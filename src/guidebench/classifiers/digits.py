@@ -4,8 +4,9 @@ NoisyDigitsClassifier: noise-aware, as ADM's classifier (Dhariwal & Nichol 2021,
     x in sigma space, scales it to the VP input x_t = x / sqrt(1 + sigma^2) (c_in of Karras et al. 2022,
     Table 1) and is conditioned on a sinusoidal embedding of 100 ln(max(sigma, 1e-3)) through AdaGN blocks;
     trained on train-split images noised at t ~ U{0..999} of the diffusion model's cosine schedule.
-CleanDigitsClassifier: an "off-the-shelf" classifier of clean images (a plain BatchNorm CNN), trained
-    on clean train-split images only; it ignores sigma, as training-free guidance methods assume.
+CleanDigitsClassifier: an "off-the-shelf" classifier of clean images (a plain BatchNorm ReLU CNN, like the
+    ImageNet ResNets it stands in for), trained on clean train-split images only; it ignores sigma, as
+    training-free guidance methods assume.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from guidebench.backbones.digits import ResBlock, group_norm, timestep_embedding
+from guidebench.classifiers.softplus import swap_relu_for_softplus
 from guidebench.training.checkpoint import load_trained
 
 
@@ -53,13 +55,13 @@ class NoisyDigitsClassifier(nn.Module):
 
 
 class CleanDigitsClassifier(nn.Module):
-    """p(y | x0) for clean images in [-1, 1]: (conv-BN-SiLU) x2, max-pool, (conv-BN-SiLU) x2, mean pool, linear."""
+    """p(y | x0) for clean images in [-1, 1]: (conv-BN-ReLU) x2, max-pool, (conv-BN-ReLU) x2, mean pool, linear."""
 
     def __init__(self, in_channels: int = 1, channels: int = 32, num_classes: int = 10, dropout: float = 0.1):
         super().__init__()
 
         def unit(c_in: int, c_out: int) -> list[nn.Module]:
-            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.SiLU()]
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
 
         c1, c2 = channels, 2 * channels
         self.features = nn.Sequential(*unit(in_channels, c1), *unit(c1, c1), nn.MaxPool2d(2),
@@ -76,7 +78,11 @@ def load_noisy_classifier(checkpoint: str | Path) -> NoisyDigitsClassifier:
     return load_trained(checkpoint, "noisy_classifier", NoisyDigitsClassifier, config_key="classifier.checkpoint")
 
 
-def load_clean_classifier(checkpoint: str | Path) -> CleanDigitsClassifier:
-    """The clean classifier made by `guidebench-train task=clean_classifier` (eval mode, frozen)."""
-    return load_trained(checkpoint, "clean_classifier", CleanDigitsClassifier, config_key="classifier.checkpoint")
+def load_clean_classifier(checkpoint: str | Path, softplus_beta: float | None = None) -> CleanDigitsClassifier:
+    """The clean classifier made by `guidebench-train task=clean_classifier` (eval mode, frozen).
+
+    softplus_beta: EluCD's ReLU -> Softplus(beta) swap of every ReLU (swap_relu_for_softplus); None keeps ReLU.
+    """
+    net = load_trained(checkpoint, "clean_classifier", CleanDigitsClassifier, config_key="classifier.checkpoint")
+    return swap_relu_for_softplus(net, softplus_beta).eval()
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from guidebench.checkpoints import CheckpointError, require_file
+from guidebench.classifiers.softplus import swap_relu_for_softplus
 
 _INTERPOLATION = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
 
@@ -66,13 +67,17 @@ class TimmClassifier(nn.Module):
 
 
 def load_classifier(model_name: str = "resnet50.tv2_in1k", checkpoint: str | Path | None = None,
-                    use_test_size: bool = True, config_key: str = "classifier.checkpoint") -> TimmClassifier:
+                    use_test_size: bool = True, config_key: str = "classifier.checkpoint",
+                    softplus_beta: float | None = None) -> TimmClassifier:
     """timm `model_name` with weights from the local file `checkpoint` (never downloads).
 
     The file is what timm would download for that name (its pretrained_cfg url, or model.safetensors
     of the Hugging Face repo); timm loads it through pretrained_cfg_overlay=dict(file=...).
     use_test_size: preprocess at the weights' test resolution / crop (e.g. 224 with crop 0.965 for
     the torchvision v2 recipe, as torchvision evaluates them) rather than the training one.
+    softplus_beta: EluCD's ReLU -> Softplus(beta) swap (swap_relu_for_softplus: timm's blocks are not
+    torchvision BasicBlocks, so every ReLU is swapped); None keeps ReLU. The torchvision_resnet loader
+    is EluCD's exact classifier (no preprocessing); this is the timm-name alternative.
     """
     import timm
 
@@ -92,4 +97,4 @@ def load_classifier(model_name: str = "resnet50.tv2_in1k", checkpoint: str | Pat
     except (RuntimeError, KeyError, ValueError, OSError) as e:
         raise CheckpointError(f"{path} does not load into timm {model_name} ({e}). Expected: {source}") from e
     data_config = timm.data.resolve_data_config(model=model, use_test_size=use_test_size)
-    return TimmClassifier(model, data_config)
+    return TimmClassifier(swap_relu_for_softplus(model, softplus_beta), data_config)
