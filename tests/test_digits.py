@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from guidebench.backbones.digits import load_denoiser
 from guidebench.checkpoints import CheckpointError, sha256_file
@@ -19,7 +20,9 @@ from guidebench.data.digits import load_digits_split, split_indices
 from guidebench.evaluation.digits_evalnet import load_evalnet
 from guidebench.samplers import sample_ddim
 from guidebench.schedules import sigmas_respaced
-from guidebench.training.classifiers import EVAL_TIMESTEPS, noisy_accuracy
+from guidebench.training.classifiers import (
+    EVAL_TIMESTEPS, noisy_accuracy, noisy_entropy, train_clean_classifier, train_noisy_classifier,
+)
 from guidebench.training.common import accuracy, random_shift
 from guidebench.training.evalnet import evalnet_accuracy
 
@@ -108,6 +111,23 @@ def test_brief_training_learns(task, overrides, ratio, tmp_path):
         assert (x0 - heldout.images).square().mean() < 0.4
 
 
+@pytest.mark.parametrize("task,trainer,tiny", [
+    ("noisy_classifier", train_noisy_classifier, ["model.channels=4", "model.emb_dim=8"]),
+    ("clean_classifier", train_clean_classifier, ["model.channels=4"]),
+])
+def test_classifier_recipe_reproduces_its_weights(task, trainer, tiny, tmp_path):
+    """train.seed seeds the initial weights too: same recipe -> bit-identical state dict, other seed -> not."""
+    def weights(global_seed: int, *overrides: str) -> dict[str, torch.Tensor]:
+        cfg = _compose(task, tmp_path, "train.steps=3", "train.batch_size=8", *tiny, *overrides)
+        torch.manual_seed(global_seed)   # the global RNG's state before training must not matter
+        return trainer(OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.train))[0].state_dict()
+
+    a, b, c = weights(0), weights(1), weights(0, "train.seed=7")
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_missing_checkpoint_names_file_and_command(task, tmp_path):
     with pytest.raises(CheckpointError, match=rf"absent\.pt.*guidebench-train task={task} "):
@@ -150,6 +170,28 @@ def test_shipped_classifiers_accuracy_on_heldout():
     for i in (0, len(acc) // 2, len(acc) - 1):
         sigma = noisy["heldout_sigma"][i]
         assert noisy_accuracy(net, heldout.images, heldout.labels, sigma) == pytest.approx(acc[i], abs=0.003)
+
+
+def test_shipped_ect_classifier_accuracy_and_entropy():
+    """noisy_classifier_ect.pt (ED-DPM ECT, lam 0.1): recorded accuracies, sha256 in the README, less confident."""
+    command = ("guidebench-train task=noisy_classifier train.ect_lambda=0.1 "
+               "out=checkpoints/digits/noisy_classifier_ect.pt")
+    path = SHIPPED / "noisy_classifier_ect.pt"
+    if not path.is_file():
+        pytest.fail(f"shipped checkpoint {path} is missing; make it with {command}")
+    readme = (SHIPPED / "README.md").read_text()
+    assert sha256_file(path) in readme and command in readme
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["config"]["train"]["ect_lambda"] == 0.1
+    heldout = load_digits_split("heldout")
+    net, plain = load_noisy_classifier(path), load_noisy_classifier(shipped("noisy_classifier"))
+    acc = ckpt["metrics"]["heldout_accuracy"]
+    assert len(acc) == len(EVAL_TIMESTEPS) and acc[0] >= 0.95 and acc[-1] <= 0.2
+    for i in (0, len(acc) // 2, len(acc) - 1):
+        sigma = ckpt["metrics"]["heldout_sigma"][i]
+        assert noisy_accuracy(net, heldout.images, heldout.labels, sigma) == pytest.approx(acc[i], abs=0.003)
+    for sigma in ckpt["metrics"]["heldout_sigma"][:len(acc) // 2 + 1]:   # both ~ln 10 at the largest sigmas
+        assert noisy_entropy(net, heldout.images, sigma) > noisy_entropy(plain, heldout.images, sigma)
 
 
 def test_shipped_diffusion_samples_the_requested_digits():

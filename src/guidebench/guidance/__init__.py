@@ -3,5 +3,6 @@
 from guidebench.guidance.base import Guidance, NoGuidance
 from guidebench.guidance.cfg import ClassifierFreeGuidance
 from guidebench.guidance.classifier import ClassifierGuidance
+from guidebench.guidance.eds import EntropyDrivenGuidance
 
-__all__ = ["Guidance", "NoGuidance", "ClassifierFreeGuidance", "ClassifierGuidance"]
+__all__ = ["Guidance", "NoGuidance", "ClassifierFreeGuidance", "ClassifierGuidance", "EntropyDrivenGuidance"]
