@@ -42,7 +42,9 @@ def test_pickle_decodes_to_records(case):
     assert ema.state["_init_kwargs"] == _kwargs(g)
     assert ema.state["_modules"]["model"].class_name == g["network_kwargs"]["model_type"]
     sd = record_state_dict(ema)
-    assert any(k.endswith("resample_filter") for k in sd)
+    # the format guarantees the network's own parameters and buffers (a one-level net has no resample_filter)
+    expected = {"EDMPrecond": EDMPrecond, "iDDPMPrecond": iDDPMPrecond}[ema.class_name](**_kwargs(g)).state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in expected.items()}
     assert all(torch.equal(v, torch.full([1, 1, 2, 2], 0.25)) for k, v in sd.items() if k.endswith("resample_filter"))
     if name == "edm":  # a training snapshot: the loss and dataset kwargs come along, as data
         assert data["loss_fn"].class_name == "EDMLoss" and data["augment_pipe"] is None
