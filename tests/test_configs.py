@@ -66,3 +66,17 @@ def test_every_experiment_composes(compose_cfg, experiment):
     OmegaConf.to_container(cfg.sampler, resolve=True)
     OmegaConf.to_container(cfg.guidance, resolve=True)
     assert cfg.sampling.num_samples > 0 and cfg.metrics.name
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiments_guidance_and_solver_instantiate(compose_cfg, experiment):
+    """Every key an experiment sets is an argument of its guidance method and solver (no checkpoint needed)."""
+    import hydra
+
+    cfg = compose_cfg("run", [f"experiment={experiment}"])
+    kwargs = {"classifier": None} if "classifier" in cfg.guidance else {}
+    guidance = hydra.utils.instantiate(cfg.guidance, **kwargs)
+    assert guidance.scale == cfg.guidance.get("scale", guidance.scale)
+    assert callable(hydra.utils.instantiate(cfg.sampler.solver))
+    if "paper" in cfg:
+        assert cfg.paper.fid > 0 and cfg.paper.source and cfg.paper.evaluator and cfg.paper.nfe > 0

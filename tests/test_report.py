@@ -55,7 +55,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def expected_row(i: int) -> dict[str, str]:
     backbone, guidance, scale = SWEEP[i]
     m = fake_metrics(i)
-    return {"run": f"{i}-{guidance}", "backbone": backbone, "guidance": guidance,
+    return {"run": f"{i}-{guidance}", "backbone": backbone, "guidance": guidance, "classifier": "", "sampler": "",
             "scale": "" if scale is None else str(scale), "num_samples": "12",
             **{k: str(m[k]) for k in ("fid", "is", "precision", "recall", "kid", "accuracy")}}
 
@@ -73,7 +73,7 @@ def test_report_over_a_multirun_folder(sweep, capsys):
         assert Image.open(run / "grid.png").size == (4 * 32, 3 * 32)
     assert not (sweep / "not-evaluated" / "summary.csv").exists()
     with Image.open(sweep / "tradeoff.png") as im:
-        assert im.size == (1320, 540)
+        assert im.size == (1440, 720)
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == list(COLUMNS) and len(table) == 1 + len(SWEEP)
     assert table[-1].split()[:3] == ["5-none", "digits", "none"]

@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import matplotlib
 from matplotlib.figure import Figure
 from PIL import Image
 
 from guidebench.evaluation.sources import ShardSource
 
-COLUMNS = ("run", "backbone", "guidance", "scale", "num_samples", "fid", "is", "precision", "recall", "kid",
-           "accuracy")
+COLUMNS = ("run", "backbone", "guidance", "classifier", "sampler", "scale", "num_samples", "fid", "is", "precision",
+           "recall", "kid", "accuracy")
+CURVE = ("backbone", "guidance", "classifier", "sampler")  # one trade-off curve per setting of these, over the scale
 METRICS = ("fid", "is", "precision", "recall", "kid", "accuracy")
 
 
@@ -47,6 +49,7 @@ def summarize(run: str | Path, name: str | None = None) -> dict[str, Any]:
     fingerprint = json.loads((run / "run.json").read_text()).get("fingerprint", {}) \
         if (run / "run.json").is_file() else {}
     return {"run": name or run.name, "backbone": fingerprint.get("backbone"), "guidance": fingerprint.get("guidance"),
+            "classifier": fingerprint.get("classifier"), "sampler": fingerprint.get("sampler"),
             "scale": fingerprint.get("scale"), "num_samples": metrics.get("num_samples", fingerprint.get("num_samples")),
             **{k: metrics.get(k) for k in METRICS}}
 
@@ -94,20 +97,23 @@ def _scale_key(row: dict[str, Any]) -> tuple:
 
 
 def tradeoff_figure(rows: list[dict[str, Any]]) -> Figure:
-    """Two panels, FID vs IS and precision vs recall; one curve per (backbone, guidance), points labelled by scale."""
+    """Two panels, FID vs IS and precision vs recall; one curve per CURVE setting, points labelled by scale."""
     curves = defaultdict(list)
     for row in rows:
-        curves[(row["backbone"], row["guidance"])].append(row)
-    fig = Figure(figsize=(11, 4.5))
+        curves[tuple(row.get(k) for k in CURVE)].append(row)
+    fig = Figure(figsize=(12, 6))
     panels = fig.subplots(1, 2)
-    for (backbone, guidance), members in sorted(curves.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    colors, markers = matplotlib.colormaps["tab20"].colors, "os^Dv"
+    for n, (key, members) in enumerate(sorted(curves.items(), key=lambda kv: tuple(map(str, kv[0])))):
+        label = " / ".join(str(v) for v in key if v is not None)
+        style = dict(color=colors[(2 * n) % 20 + (n // 10) % 2], marker=markers[n % len(markers)])
         members = sorted(members, key=_scale_key)
         for ax, (x, y) in zip(panels, (("is", "fid"), ("recall", "precision"))):
             points = [(r[x], r[y], r["scale"]) for r in members if r[x] is not None and r[y] is not None]
             if not points:
                 continue
             xs, ys, scales = zip(*points)
-            ax.plot(xs, ys, marker="o", label=f"{backbone} / {guidance}")
+            ax.plot(xs, ys, label=label, **style)
             for px, py, scale in points:
                 if scale is not None:
                     ax.annotate(f"{scale:g}" if isinstance(scale, (int, float)) else str(scale), (px, py),
@@ -116,9 +122,12 @@ def tradeoff_figure(rows: list[dict[str, Any]]) -> Figure:
     panels[1].set(xlabel="recall", ylabel="precision", title="precision vs recall")
     for ax in panels:
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+    if panels[0].lines or panels[1].lines:
+        handles, labels = (panels[0] if panels[0].lines else panels[1]).get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 3), 1, 1))
+    else:
+        fig.tight_layout()
     return fig
 
 
@@ -159,7 +168,7 @@ def report(runs: Iterable[str | Path] = (), root: str | Path | None = None, out_
     for run in runs:
         name = str(run.relative_to(root)) if root is not None and run != Path(root) else run.name
         rows.append(write_run_report(run, name, grid=grid, grid_size=grid_size, grid_order=grid_order))
-    rows.sort(key=lambda r: (str(r["backbone"]), str(r["guidance"]), _scale_key(r), r["run"]))
+    rows.sort(key=lambda r: (*(str(r[k]) for k in CURVE), _scale_key(r), r["run"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "summary.csv")
     tradeoff_plot(rows, out_dir / "tradeoff.png")

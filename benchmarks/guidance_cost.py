@@ -1,0 +1,70 @@
+"""Cost of the seed papers' gradient guidance, as ratios measured in one interleaved run.
+
+    python benchmarks/guidance_cost.py [--device cuda] [--batch 256] [--steps 25] [--repeats 5]
+
+On the shipped unconditional digits model (DDIM-25, or DDPM-25 for EluCD's DDPM branch), times whole
+sampling runs of: unguided, classifier guidance (noise-aware classifier), EDS (same classifier), EluCD's
+DDPM branch and its EDM branch (clean off-the-shelf classifier). The variants run interleaved (A, B, C, ...,
+A, B, C, ...) and each keeps its minimum over the repeats, so a loaded machine cannot flip a ratio. Prints
+each variant's time relative to unguided sampling (same solver) and to plain classifier guidance.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from guidebench.backbones.digits import load_denoiser
+from guidebench.classifiers.digits import load_clean_classifier, load_noisy_classifier
+from guidebench.config import REPO_ROOT
+from guidebench.guidance import (ClassifierGuidance, EluCDEDMGuidance, EluCDGuidance, EntropyDrivenGuidance,
+                                 NoGuidance)
+from guidebench.rng import StackedRandomGenerator
+from guidebench.samplers import sample_ddim, sample_ddpm
+from guidebench.schedules import sigmas_respaced
+from timing import interleaved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    ckpt, dev = REPO_ROOT / "checkpoints" / "digits", args.device
+    den = load_denoiser(ckpt / "diffusion.pt", conditional=False).to(dev).eval()
+    noisy = load_noisy_classifier(ckpt / "noisy_classifier.pt").to(dev)
+    clean = load_clean_classifier(ckpt / "clean_classifier.pt").to(dev)
+    sigmas = sigmas_respaced(den, str(args.steps)).to(dev)
+    n = args.batch
+    x = torch.randn(n, 1, 8, 8, device=dev, dtype=torch.float64) * (1 + sigmas[0] ** 2).sqrt()
+    y = torch.arange(n, device=dev) % 10
+
+    def run(solver, guidance):
+        def go():
+            with torch.no_grad():
+                solver(den, x, sigmas, y, guidance=guidance, rng=StackedRandomGenerator(dev, range(n)))
+        return go
+
+    fns = {
+        "unguided (DDIM)": run(sample_ddim, NoGuidance()),
+        "classifier (DDIM)": run(sample_ddim, ClassifierGuidance(noisy, 3.0)),
+        "eds (DDIM)": run(sample_ddim, EntropyDrivenGuidance(noisy, 3.0)),
+        "elucd_edm (DDIM)": run(sample_ddim, EluCDEDMGuidance(clean, 0.03)),
+        "unguided (DDPM)": run(sample_ddpm, NoGuidance()),
+        "classifier (DDPM)": run(sample_ddpm, ClassifierGuidance(noisy, 3.0)),
+        "elucd (DDPM)": run(sample_ddpm, EluCDGuidance(clean, 0.1)),
+    }
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+    best = interleaved(fns, args.repeats, sync)
+    print(f"device={dev} batch={n} steps={args.steps} repeats={args.repeats} (min of interleaved runs)")
+    print(f"{'variant':<20}{'seconds':>9}{'/ unguided':>12}{'/ classifier':>14}")
+    for name, t in best.items():
+        form = name[name.index("("):]
+        print(f"{name:<20}{t:9.3f}{t / best['unguided ' + form]:12.2f}{t / best['classifier ' + form]:14.2f}")
+
+
+if __name__ == "__main__":
+    main()
