@@ -154,3 +154,41 @@ def test_elucd_needs_classes_a_fitting_classifier_and_valid_beta():
         EluCDGuidance(torch.nn.Sequential(torch.nn.ReLU()), softplus_beta=-1.0)
     with pytest.raises(ValueError, match="max_variance"):
         EluCDGuidance(clf, softplus_beta=None, max_variance="batch")
+
+
+def test_elucd_on_a_latent_backbone_guides_through_the_decoder():
+    """DecodedClassifier: the x0 gradient is the classifier's image gradient pulled back through the decoder."""
+    from guidebench.classifiers.decoded import DecodedClassifier
+
+    decoder = torch.nn.ConvTranspose2d(4, 1, 2, stride=2, bias=False).requires_grad_(False)  # 4x4x4 latents -> 1x8x8
+    torch.nn.init.normal_(decoder.weight, generator=torch.Generator().manual_seed(5))
+    image_clf = LinearClassifier(torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(6)), torch.zeros(3))
+    den = GaussianDenoiser(torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(7)), shape=(4, 4, 4))
+    g = EluCDGuidance(DecodedClassifier(image_clf, decoder), scale=1.5, softplus_beta=None,
+                      margin_temperature_discount=0.5)
+    g.check(den, sample_ddpm)
+    sigmas = torch.tensor([2.0, 0.5, 0.0], dtype=torch.float64)
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(8))
+    y = torch.tensor([0, 2])
+    g.begin(den, sigmas, y)
+    d = den(x, sigmas[1].expand(2), y)
+    variance = torch.full((2, 4, 4, 4), 0.3, dtype=torch.float64)
+    shift = g.mean_shift(den, x, sigmas[1].expand(2), sigmas[2].expand(2), y, variance, den=d, step=1)
+    jac = torch.autograd.functional.jacobian(lambda z: decoder(z.unsqueeze(0)).flatten(), d.x0[0]).reshape(64, 64)
+    f = image_clf(decoder(d.x0), None)
+    grad_img = image_clf.w[y].flatten(1) - 0.5 * torch.softmax(0.5 * f, -1) @ image_clf.w.flatten(1)
+    grad_z = (grad_img @ jac).reshape(2, 4, 4, 4).double()
+    torch.testing.assert_close(shift, 0.3 * 1.5 * grad_z, rtol=1e-5, atol=1e-6)  # last step: a_t = 0, sigma' = 0
+
+
+def test_build_guidance_wraps_x0_classifiers_of_latent_backbones(compose_cfg):
+    from guidebench.classifiers.decoded import DecodedClassifier
+    from guidebench.sampling import build_guidance
+
+    decoder = torch.nn.Identity()
+    elucd = build_guidance(compose_cfg("sample", ["guidance=elucd", "classifier=digits_clean"]), decoder=decoder)
+    assert isinstance(elucd.classifier, DecodedClassifier) and elucd.classifier.decoder is decoder
+    eds = build_guidance(compose_cfg("sample", ["guidance=eds"]), decoder=decoder)
+    assert not isinstance(eds.classifier, DecodedClassifier)  # noise-aware classifiers see the sampler's state
+    assert not isinstance(build_guidance(compose_cfg("sample", ["guidance=elucd", "classifier=digits_clean"])).classifier,
+                          DecodedClassifier)

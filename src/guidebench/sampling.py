@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from guidebench.classifiers.decoded import DecodedClassifier
 from guidebench.generate import generate
 from guidebench.shards import ShardWriter, export_npz, read_shard
 
@@ -39,13 +40,21 @@ def build_backbone(cfg: DictConfig, device: torch.device | str = "cpu") -> Backb
     return Backbone(denoiser, decoder, int(cfg.image_size), int(cfg.num_classes), cfg.get("uint8_rule", "adm"))
 
 
-def build_guidance(cfg: DictConfig, device: torch.device | str = "cpu"):
-    """The guidance object; a `classifier` argument is filled from the classifier group."""
+def build_guidance(cfg: DictConfig, device: torch.device | str = "cpu", decoder=None):
+    """The guidance object; a `classifier` argument is filled from the classifier group.
+
+    A method whose classifier sees the clean estimate (`classifier_sees = "x0"`) on a latent backbone
+    gets the classifier through the backbone's `decoder` (`DecodedClassifier`).
+    """
     kwargs = {}
     if "classifier" in cfg.guidance:
         if cfg.get("classifier") is None:
             raise ValueError(f"guidance={cfg.tags.guidance} needs a classifier: choose one with classifier=NAME")
-        kwargs["classifier"] = hydra.utils.instantiate(cfg.classifier).to(device).eval()
+        classifier = hydra.utils.instantiate(cfg.classifier).to(device).eval()
+        method = hydra.utils.get_class(cfg.guidance._target_)
+        if decoder is not None and getattr(method, "classifier_sees", "x") == "x0":
+            classifier = DecodedClassifier(classifier, decoder)
+        kwargs["classifier"] = classifier
     return hydra.utils.instantiate(cfg.guidance, **kwargs)
 
 
@@ -80,7 +89,7 @@ def sample(cfg: DictConfig) -> Path:
     device = state.device
     out_dir = Path(cfg.sampling.out_dir)
     backbone = build_backbone(cfg.backbone, device)
-    guidance = build_guidance(cfg, device)
+    guidance = build_guidance(cfg, device, backbone.decoder)
     solver = hydra.utils.instantiate(cfg.sampler.solver)
     guidance.check(backbone.denoiser, solver)
     sigmas = hydra.utils.instantiate(cfg.sampler.schedule)(backbone.denoiser)

@@ -31,6 +31,7 @@ class Guidance:
 
     name = "guidance"
     scale: float = 1.0
+    classifier_sees = "x"  # what a classifier-based method feeds its classifier: the state x, or "x0" (images)
 
     def check(self, denoiser, solver=None) -> None:
         """Raise a clear error if this method cannot guide `denoiser` with `solver`."""

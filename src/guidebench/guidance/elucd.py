@@ -67,7 +67,9 @@ class EluCDGuidance(_EluCD):
     index of K steps. The classifier sees the denoiser's clamped x0 as it is (no resize, no ImageNet
     normalisation, no timestep) and the denoiser is not differentiated: the gradient w.r.t. x0 is
     applied as if it were w.r.t. x_t. Only the mean form exists (the original's DDIM path cannot
-    run): use sampler=ddpm. In sigma space the shift is multiplied by sqrt(1 + sigma'^2).
+    run): use sampler=ddpm. In sigma space the shift is multiplied by sqrt(1 + sigma'^2). On a latent
+    backbone (DiT) the classifier sees the decoded x0 and the gradient flows back through the decoder
+    (`classifier_sees = "x0"`; the original's DiT code was never released).
 
     max_variance: 'per_sample' (default) takes each sample's own Sigma[0, 0, 0] into its running max,
     so a sample does not depend on its batch; 'first_in_batch' is the original, which takes batch
@@ -76,6 +78,7 @@ class EluCDGuidance(_EluCD):
     """
 
     name = "elucd"
+    classifier_sees = "x0"
 
     def __init__(self, classifier, scale: float = 1.0, softplus_beta: float | None = 3.0,
                  joint_temperature: float = 1.0, margin_temperature_discount: float = 0.5,
