@@ -194,20 +194,41 @@ def test_shipped_ect_classifier_accuracy_and_entropy():
         assert noisy_entropy(net, heldout.images, sigma) > noisy_entropy(plain, heldout.images, sigma)
 
 
+def ddim20_accuracy(denoiser, evalnet, labels) -> float:
+    """evalnet's agreement with `labels` on DDIM-20 samples from x_T of torch.Generator().manual_seed(0)."""
+    sigmas = sigmas_respaced(denoiser, "ddim20")
+    noise = torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        x0 = sample_ddim(denoiser, noise * (1 + sigmas[0] ** 2).sqrt(), sigmas, labels, eta=0.0)
+    images = ((x0 + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    return (evalnet(images)["logits"].argmax(1) == labels).float().mean().item()
+
+
 def test_shipped_diffusion_samples_the_requested_digits():
     evalnet = load_evalnet(shipped("evalnet"))
     labels = torch.arange(64) % 10
     rates = {}
     for conditional in (True, False):
-        denoiser = load_denoiser(shipped("diffusion"), conditional=conditional)
-        sigmas = sigmas_respaced(denoiser, "ddim20")
-        noise = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        with torch.no_grad():
-            x0 = sample_ddim(denoiser, noise * (1 + sigmas[0] ** 2).sqrt(), sigmas, labels, eta=0.0)
-        images = ((x0 + 1) * 127.5).clamp(0, 255).to(torch.uint8)
-        rates[conditional] = (evalnet(images)["logits"].argmax(1) == labels).float().mean().item()
+        rates[conditional] = ddim20_accuracy(load_denoiser(shipped("diffusion"), conditional=conditional), evalnet, labels)
     assert rates[True] > 0.85, rates
     assert rates[False] < 0.35, rates
+
+
+def test_shipped_autoguidance_guide_is_a_weaker_model_of_the_same_task():
+    """diffusion_guide.pt: listed with its command and sha256, smaller, trained shorter, and worse than diffusion.pt."""
+    readme = (SHIPPED / "README.md").read_text()
+    path = SHIPPED / "diffusion_guide.pt"
+    assert sha256_file(path) in readme
+    assert "guidebench-train task=diffusion model.channels=16 train.steps=300 out=checkpoints/digits/diffusion_guide.pt" in readme
+    main, guide = (torch.load(shipped(t), weights_only=True)["config"] for t in ("diffusion", "diffusion_guide"))
+    assert guide["model"]["channels"] < main["model"]["channels"] and guide["train"]["steps"] < main["train"]["steps"]
+    evalnet, labels = load_evalnet(shipped("evalnet")), torch.arange(64) % 10
+    rates = []
+    for name in ("diffusion", "diffusion_guide"):
+        denoiser = load_denoiser(shipped(name))
+        assert (denoiser.num_classes, denoiser.img_resolution) == (10, 8)
+        rates.append(ddim20_accuracy(denoiser, evalnet, labels))
+    assert rates[1] < rates[0], rates
 
 
 @pytest.mark.parametrize("respacing", ["100", "ddim25"])

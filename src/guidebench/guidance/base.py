@@ -36,6 +36,13 @@ class Guidance:
     def check(self, denoiser, solver=None) -> None:
         """Raise a clear error if this method cannot guide `denoiser` with `solver`."""
 
+    def to(self, device) -> "Guidance":
+        """Move the networks the method holds (a classifier, a guide model) to `device`, in eval mode."""
+        for key, value in vars(self).items():
+            if isinstance(value, torch.nn.Module):
+                setattr(self, key, value.to(device).eval())
+        return self
+
     def begin(self, denoiser, sigmas: torch.Tensor, labels: torch.Tensor | None) -> None:
         """A new trajectory over the descending schedule `sigmas` (float64, trailing 0) starts."""
 
