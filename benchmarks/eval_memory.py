@@ -31,12 +31,13 @@ SHARD = 25
 def write_samples(folder: Path, n: int, seed: int) -> Path:
     from guidebench.shards import ShardWriter
 
-    writer = ShardWriter(folder, {"benchmark": "eval_memory", "n": n})
+    writer = ShardWriter(folder, {"benchmark": "eval_memory", "n": n}, num_samples=n, shard_size=SHARD).prepare()
     rng = np.random.RandomState(seed)
     for k, start in enumerate(range(0, n, SHARD)):
         m = min(SHARD, n - start)
         idx = np.arange(start, start + m)
         writer.write(k, rng.randint(0, 256, (m, 32, 32, 3), dtype=np.uint8), np.zeros(m, np.int64), idx, idx)
+    writer.merge()
     return folder
 
 

@@ -29,7 +29,7 @@ from guidebench.evaluation.sources import NpzSource, SourceError, open_source
 from guidebench.shards import ShardError, ShardWriter, export_npz
 from guidebench.training.checkpoint import save_checkpoint
 
-SHARD = 100
+SHARD = 101
 
 
 def make_evalnet(path: Path, seed: int) -> Path:
@@ -45,11 +45,17 @@ def make_evalnet(path: Path, seed: int) -> Path:
     return save_checkpoint(path, net, {"task": "evalnet", "model": model, "train": {}}, {})
 
 
-def write_run(run: Path, images: np.ndarray, labels: np.ndarray, nonfinite: dict[int, list[int]] | None = None) -> Path:
-    writer = ShardWriter(run, {"backbone": "test", "guidance": "none", "scale": 1.0, "num_samples": len(images)})
-    for k, start in enumerate(range(0, len(images), SHARD)):
-        idx = np.arange(start, min(start + SHARD, len(images)))
-        writer.write(k, images[idx], labels[idx], idx, idx, np.array((nonfinite or {}).get(k, []), dtype=np.int64))
+def write_run(run: Path, images: np.ndarray, labels: np.ndarray, nonfinite: list[int] = ()) -> Path:
+    """A run folder of `images` in index order, the global indices `nonfinite` left out as NaN/inf."""
+    n = len(images) + len(nonfinite)
+    indices = np.setdiff1d(np.arange(n), nonfinite)
+    writer = ShardWriter(run, {"backbone": "test", "guidance": "none", "scale": 1.0, "num_samples": n},
+                         num_samples=n, shard_size=SHARD).prepare()
+    for k, start in enumerate(range(0, n, SHARD)):
+        rows = np.flatnonzero((indices >= start) & (indices < start + SHARD))
+        dropped = np.array([i for i in nonfinite if start <= i < start + SHARD], dtype=np.int64)
+        writer.write(k, images[rows], labels[rows], indices[rows], indices[rows], dropped)
+    writer.merge()
     return run
 
 
@@ -62,7 +68,8 @@ def suite_for(checkpoint: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """300 samples in 3 shards: 200 digits of the train split, 100 uniform-noise images (random labels)."""
+    """300 samples in 3 shards (and 3 non-finite ones): 200 digits of the train split, 100 uniform-noise images
+    (random labels)."""
     tmp = tmp_path_factory.mktemp("eval")
     rng = np.random.default_rng(0)
     train = load_digits_split("train")
@@ -70,7 +77,7 @@ def env(tmp_path_factory):
                              rng.integers(0, 256, (100, 8, 8, 1), dtype=np.uint8)])
     labels = np.concatenate([train.labels[:200].numpy(), rng.integers(0, 10, 100)])
     ckpt = make_evalnet(tmp / "evalnet.pt", seed=0)
-    run = write_run(tmp / "run", images, labels, nonfinite={1: [117, 150], 2: [299]})
+    run = write_run(tmp / "run", images, labels, nonfinite=[117, 150, 299])
     suite = suite_for(ckpt)
     cache = tmp / "cache"
     result = evaluate(run, None, suite, run, cache_dir=cache, device="cpu", verbose=False)
@@ -231,11 +238,12 @@ def test_resolution_errors(env, tmp_path):
     with pytest.raises(SourceError, match="16x16.*8x8"):
         evaluate(run16, None, env.suite, tmp_path / "out", cache_dir=env.cache, device="cpu", verbose=False)
 
-    mixed = write_run(tmp_path / "mixed", env.images[:100], env.labels[:100])
-    ShardWriter(mixed, json.loads((mixed / "run.json").read_text())["fingerprint"]).write(
-        1, big, np.zeros(20), np.arange(100, 120), np.arange(100, 120))
+    mixed = ShardWriter(tmp_path / "mixed", {"backbone": "test"}, num_samples=120, shard_size=100).prepare()
+    mixed.write(0, env.images[:100], env.labels[:100], np.arange(100), np.arange(100))
+    mixed.write(1, big, np.zeros(20), np.arange(100, 120), np.arange(100, 120))
+    mixed.merge()
     with pytest.raises(SourceError, match="shard-000001.npz is 16x16"):
-        open_source(mixed)
+        open_source(mixed.out_dir)
 
     folder = tmp_path / "pngs"
     folder.mkdir()

@@ -21,10 +21,11 @@ SWEEP = [("digits", "cfg", 3.0), ("digits", "cfg", 1.0), ("digits", "classifier"
 
 def make_run(run: Path, fingerprint: dict, images: np.ndarray, labels: np.ndarray, metrics: dict | None,
              shard_size: int = 5) -> Path:
-    writer = ShardWriter(run, fingerprint)
+    writer = ShardWriter(run, fingerprint, num_samples=len(images), shard_size=shard_size).prepare()
     for k, start in enumerate(range(0, len(images), shard_size)):
         idx = np.arange(start, min(start + shard_size, len(images)))
         writer.write(k, images[idx], labels[idx], idx, idx)
+    writer.merge()
     if metrics is not None:
         (run / "metrics.json").write_text(json.dumps(metrics))
     return run
@@ -56,8 +57,9 @@ def expected_row(i: int) -> dict[str, str]:
     backbone, guidance, scale = SWEEP[i]
     m = fake_metrics(i)
     return {"run": f"{i}-{guidance}", "backbone": backbone, "guidance": guidance, "classifier": "", "sampler": "",
-            "scale": "" if scale is None else str(scale), "num_samples": "12",
-            **{k: str(m[k]) for k in ("fid", "is", "precision", "recall", "kid", "accuracy")}}
+            "scale": "" if scale is None else str(scale), "num_samples": "12", "complete": "", "nonfinite": "0",
+            **{k: str(m[k]) for k in ("fid", "is", "precision", "recall", "kid", "accuracy")},
+            "nfe": "", "classifier_nfe": "", "sampling_seconds": "", "samples_per_second": ""}
 
 
 def test_report_over_a_multirun_folder(sweep, capsys):

@@ -38,8 +38,12 @@ def shard(n, start=0):
                 indices=np.arange(start, start + n), seeds=np.arange(start, start + n) + 7)
 
 
+def writer(path, fingerprint, num_samples=8, shard_size=5, **kw):
+    return ShardWriter(path, fingerprint, num_samples=num_samples, shard_size=shard_size).prepare(**kw)
+
+
 def test_shard_round_trip_and_export(tmp_path):
-    w = ShardWriter(tmp_path, {"guidance": "cfg", "scale": 2.0})
+    w = writer(tmp_path, {"guidance": "cfg", "scale": 2.0})
     a, b = shard(5), shard(3, start=5)
     w.write(1, **b)
     w.write(0, **a)
@@ -53,17 +57,17 @@ def test_shard_round_trip_and_export(tmp_path):
 
 
 def test_writer_refuses_to_mix_configurations(tmp_path):
-    ShardWriter(tmp_path, {"guidance": "cfg", "scale": 2.0}).write(0, **shard(4))
-    ShardWriter(tmp_path, {"guidance": "cfg", "scale": 2.0})  # same config resumes
+    writer(tmp_path, {"guidance": "cfg", "scale": 2.0}, 4).write(0, **shard(4))
+    assert writer(tmp_path, {"guidance": "cfg", "scale": 2.0}, 4).done(0)  # same config resumes
     with pytest.raises(ShardError, match="scale"):
-        ShardWriter(tmp_path, {"guidance": "cfg", "scale": 4.0})
+        writer(tmp_path, {"guidance": "cfg", "scale": 4.0}, 4)
     assert list_shards(tmp_path)  # nothing was deleted
-    ShardWriter(tmp_path, {"guidance": "cfg", "scale": 4.0}, overwrite=True)
+    writer(tmp_path, {"guidance": "cfg", "scale": 4.0}, 4, overwrite=True)
     assert not list_shards(tmp_path)
 
 
 def test_corrupt_or_inconsistent_shard_is_named(tmp_path):
-    w = ShardWriter(tmp_path, {})
+    w = writer(tmp_path, {"guidance": "none"}, 4)
     path = w.write(0, **shard(4))
     assert w.done(0)
     path.write_bytes(path.read_bytes()[:100])
@@ -98,3 +102,29 @@ def test_nonfinite_samples_are_dropped_and_reported():
     full = generate(den.den, sample_ddpm, sigmas_respaced(den, "10"), list(range(12)), num_classes=3)
     assert len(out["nonfinite"]) > 0 and len(out["images"]) + len(out["nonfinite"]) == 12
     assert (full["labels"][out["nonfinite"]] == 1).all() and (out["labels"] != 1).all()
+
+
+DDIM4 = "sampler.schedule.respacing=ddim4"
+
+
+@pytest.mark.parametrize("overrides, nfe, classifier_nfe", [
+    (["guidance=none", DDIM4], 4, 0),                                 # DDIM-N: N
+    (["guidance=cfg", "guidance.scale=2", DDIM4], 8, 0),              # one batched forward of 2B rows per step
+    (["guidance=classifier", "guidance.scale=1", DDIM4], 4, 4),       # N denoiser, N classifier forward+backward
+    (["guidance=classifier", "guidance.scale=1", "sampler=ddpm", "sampler.schedule.respacing=4"], 4, 4),
+    (["guidance=none", "sampler=heun", "sampler.schedule.num_steps=4"], 7, 0),  # Heun: 2N - 1
+    (["guidance=autoguidance", DDIM4], 8, 0),                         # the main model and the guide model
+], ids=["none", "cfg", "classifier", "classifier-ddpm", "heun", "autoguidance"])
+def test_nfe_is_counted_per_sample(compose_cfg, overrides, nfe, classifier_nfe):
+    import hydra
+
+    from guidebench.sampling import build_backbone, build_guidance
+
+    cfg = compose_cfg("sample", ["backbone=digits", *overrides])
+    backbone = build_backbone(cfg.backbone)
+    guidance = build_guidance(cfg, "cpu", backbone.decoder)
+    sigmas = hydra.utils.instantiate(cfg.sampler.schedule)(backbone.denoiser)
+    assert len(sigmas) == 5  # N = 4 steps
+    out = generate(backbone.denoiser, hydra.utils.instantiate(cfg.sampler.solver), sigmas, [0, 1, 2],
+                   num_classes=backbone.num_classes, guidance=guidance)
+    assert (out["nfe"], out["classifier_nfe"]) == (nfe, classifier_nfe)

@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from guidebench.denoisers.base import Denoiser
 from guidebench.guidance.base import Guidance, NoGuidance
 from guidebench.rng import StackedRandomGenerator
 
@@ -26,6 +27,48 @@ def to_uint8(x: torch.Tensor, rule: str = "adm") -> np.ndarray:
     return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+class CountingDenoiser:
+    """A denoiser that counts the rows it evaluates: a batched CFG forward of 2B rows counts 2 per sample."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.rows = denoiser, 0
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs):
+        self.rows += x.shape[0]
+        return self.denoiser(x, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.denoiser, name)
+
+
+class GuidanceNetworkCounter:
+    """Counts, inside a `with` block, the rows evaluated by the networks a guidance method holds: its
+    `classifier`, and any other denoiser (autoguidance's guide model), through forward pre-hooks."""
+
+    def __init__(self, guidance: Guidance, denoiser):
+        self.rows = {"classifier": 0, "denoiser": 0}
+        self._watched = [(module, "classifier" if key == "classifier" else "denoiser")
+                         for key, module in vars(guidance).items()
+                         if isinstance(module, torch.nn.Module) and module is not denoiser
+                         and (key == "classifier" or isinstance(module, Denoiser))]
+        self._hooks: list = []
+
+    def _counter(self, kind: str):
+        def count(module, args, kwargs) -> None:
+            self.rows[kind] += len(args[0] if args else next(iter(kwargs.values())))
+        return count
+
+    def __enter__(self) -> "GuidanceNetworkCounter":
+        self._hooks = [module.register_forward_pre_hook(self._counter(kind), with_kwargs=True)
+                       for module, kind in self._watched]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
 @torch.no_grad()
 def generate(denoiser, solver: Callable, sigmas: torch.Tensor, seeds: Sequence[int], *,
              num_classes: int, guidance: Guidance | None = None, decoder: Callable | None = None,
@@ -36,7 +79,10 @@ def generate(denoiser, solver: Callable, sigmas: torch.Tensor, seeds: Sequence[i
     then whatever the solver draws. The start is x = latents * sqrt(1 + sigma_0^2) for VP models
     (x_T ~ N(0, I) in VP coordinates) and latents * sigma_0 otherwise.
     Returns images (uint8 NHWC; non-finite samples dropped), labels (int64, -1 without classes),
-    the kept positions `kept` and the positions of non-finite samples `nonfinite`.
+    the kept positions `kept` and the positions of non-finite samples `nonfinite`, and the cost per sample:
+    `nfe`, denoiser evaluations (rows through the denoiser, so CFG's batched forward counts 2, plus those
+    of a guide model the method holds), and `classifier_nfe`, evaluations of the method's classifier
+    (each with its backward pass for the gradient; 0 without a classifier).
     """
     rng = StackedRandomGenerator(device, seeds)
     n = len(seeds)
@@ -44,11 +90,15 @@ def generate(denoiser, solver: Callable, sigmas: torch.Tensor, seeds: Sequence[i
     labels = rng.randint(num_classes, size=[n]) if num_classes > 0 else None
     sigmas = sigmas.to(device)
     scale = (1 + sigmas[0] ** 2).sqrt() if getattr(denoiser, "variance_preserving", False) else sigmas[0]
-    x = solver(denoiser, latents.to(torch.float64) * scale, sigmas, labels, guidance=guidance or NoGuidance(), rng=rng)
+    guidance = guidance or NoGuidance()
+    counted = CountingDenoiser(denoiser)
+    with GuidanceNetworkCounter(guidance, denoiser) as networks:
+        x = solver(counted, latents.to(torch.float64) * scale, sigmas, labels, guidance=guidance, rng=rng)
     if decoder is not None:
         x = decoder(x.to(torch.float32))
     finite = torch.isfinite(x.reshape(n, -1)).all(dim=1).cpu().numpy()
     images = to_uint8(torch.nan_to_num(x), uint8_rule)
     labels_np = labels.cpu().numpy() if labels is not None else np.full(n, -1, dtype=np.int64)
     return {"images": images[finite], "labels": labels_np[finite],
-            "kept": np.flatnonzero(finite), "nonfinite": np.flatnonzero(~finite)}
+            "kept": np.flatnonzero(finite), "nonfinite": np.flatnonzero(~finite),
+            "nfe": (counted.rows + networks.rows["denoiser"]) / n, "classifier_nfe": networks.rows["classifier"] / n}

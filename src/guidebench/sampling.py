@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import math
+import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from guidebench.classifiers.decoded import DecodedClassifier
 from guidebench.generate import generate
-from guidebench.shards import ShardWriter, export_npz, read_shard
+from guidebench.shards import ShardWriter, export_npz, shard_bounds
 
 
 class NonFiniteSamplesError(RuntimeError):
@@ -55,7 +56,7 @@ def build_guidance(cfg: DictConfig, device: torch.device | str = "cpu", decoder=
         if decoder is not None and getattr(method, "classifier_sees", "x") == "x0":
             classifier = DecodedClassifier(classifier, decoder)
         kwargs["classifier"] = classifier
-    return hydra.utils.instantiate(cfg.guidance, **kwargs)
+    return hydra.utils.instantiate(cfg.guidance, **kwargs).to(device)
 
 
 def fingerprint(cfg: DictConfig) -> dict:
@@ -81,7 +82,8 @@ def sample(cfg: DictConfig) -> Path:
     """Write cfg.sampling.num_samples samples as shards in cfg.sampling.out_dir; return that folder.
 
     Sample i has seed `sampling.seed + i`; shard k holds samples [k S, (k + 1) S) with S =
-    `sampling.shard_size`, and process r of W writes shards r, r + W, ... Finished shards are skipped.
+    `sampling.shard_size`, and process r of W writes shards r, r + W, ... Finished shards (recorded, with
+    their recorded sha256) are skipped; the main process then lists every shard in run.json, the manifest.
     """
     from accelerate import PartialState
 
@@ -95,17 +97,18 @@ def sample(cfg: DictConfig) -> Path:
     sigmas = hydra.utils.instantiate(cfg.sampler.schedule)(backbone.denoiser)
 
     n, size, batch = int(cfg.sampling.num_samples), int(cfg.sampling.shard_size), int(cfg.sampling.batch_size)
-    writer = None
+    writer = ShardWriter(out_dir, fingerprint(cfg), num_samples=n, shard_size=size)
     if state.is_main_process:
-        writer = ShardWriter(out_dir, fingerprint(cfg), overwrite=bool(cfg.sampling.overwrite))
+        writer.prepare(overwrite=bool(cfg.sampling.overwrite), overrides=sample_overrides())
     state.wait_for_everyone()
-    writer = writer or ShardWriter(out_dir, fingerprint(cfg))
-    my_shards = [k for k in range(math.ceil(n / size))[state.process_index::state.num_processes] if not writer.done(k)]
+    my_shards = [k for k in range(writer.num_shards)[state.process_index::state.num_processes] if not writer.done(k)]
     todo = sum(min(size, n - k * size) for k in my_shards)
+    name = device_name(device)
     with tqdm(total=todo, desc=f"sampling {cfg.tags.backbone}/{cfg.tags.guidance}", unit="img",
               disable=not state.is_main_process) as bar:
         for k in my_shards:
-            indices = np.arange(k * size, min((k + 1) * size, n))
+            started = time.perf_counter()
+            indices = np.arange(*shard_bounds(k, n, size))
             parts = []
             for start in range(0, len(indices), batch):
                 idx = indices[start:start + batch]
@@ -114,6 +117,7 @@ def sample(cfg: DictConfig) -> Path:
                                device=device, uint8_rule=backbone.uint8_rule)
                 parts.append((out, idx))
                 bar.update(len(idx))
+            cost = {key: sum(o[key] * len(i) for o, i in parts) / len(indices) for key in ("nfe", "classifier_nfe")}
             writer.write(
                 k,
                 images=np.concatenate([o["images"] for o, _ in parts]),
@@ -121,25 +125,45 @@ def sample(cfg: DictConfig) -> Path:
                 indices=np.concatenate([i[o["kept"]] for o, i in parts]),
                 seeds=np.concatenate([cfg.sampling.seed + i[o["kept"]] for o, i in parts]),
                 nonfinite=np.concatenate([i[o["nonfinite"]] for o, i in parts]),
+                cost={**cost, "seconds": round(time.perf_counter() - started, 3), "device": name},
             )
     state.wait_for_everyone()
     if state.is_main_process:
-        finish(cfg, out_dir, n, size)
+        finish(cfg, writer)
     return out_dir
 
 
-def finish(cfg: DictConfig, out_dir: Path, n: int, size: int) -> None:
-    """Count what was written; export one ADM npz if asked; raise if any sample was non-finite."""
-    shards = [read_shard(out_dir / "shards" / f"shard-{k:06d}.npz") for k in range(math.ceil(n / size))]
-    bad = np.concatenate([s["nonfinite"] for s in shards])
-    run_json = out_dir / "run.json"
-    info = json.loads(run_json.read_text())
-    info.update(written=int(sum(len(s["arr_0"]) for s in shards)), nonfinite=int(len(bad)))
-    run_json.write_text(json.dumps(info, indent=2, sort_keys=True))
+def sample_overrides() -> list[str] | None:
+    """This call's command-line overrides that guidebench-sample takes again to complete its set (all but
+    hydra.*, evaluation/metrics, sampling.out_dir and sampling.overwrite); None outside a Hydra app."""
+    try:
+        overrides = HydraConfig.get().overrides.task
+    except ValueError:
+        return None
+    drop = ("hydra", "evaluation", "metrics", "sampling.out_dir", "sampling.overwrite")
+    keys = [o.lstrip("+~").split("=")[0].split("@")[0] for o in overrides]
+    return [o for o, key in zip(overrides, keys) if not any(key == d or key.startswith(d + ".") for d in drop)]
+
+
+def device_name(device: torch.device | str) -> str:
+    """The accelerator's name (e.g. 'NVIDIA H100 80GB HBM3'), or the CPU's architecture and thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def finish(cfg: DictConfig, writer: ShardWriter) -> None:
+    """List the shards in run.json (the manifest, with the run's cost); export one ADM npz if asked; raise if any
+    sample was non-finite."""
+    manifest = writer.merge()
+    bad = sorted(i for entry in manifest["shards"] for i in entry["nonfinite"])
+    n = writer.num_samples
     if cfg.sampling.get("export_npz"):
-        export_npz(out_dir, cfg.sampling.export_npz)
-    if len(bad):
+        export_npz(writer.out_dir, cfg.sampling.export_npz)
+    if bad:
         raise NonFiniteSamplesError(
-            f"{len(bad)} of {n} samples are NaN/inf (first indices {bad[:10].tolist()}); the {n - len(bad)} finite "
-            f"samples are saved in {out_dir}. Lower guidance.scale (now {cfg.guidance.get('scale')}) or use more steps."
+            f"{len(bad)} of {n} samples are NaN/inf (first indices {bad[:10]}); the {n - len(bad)} finite "
+            f"samples are saved in {writer.out_dir}. Lower guidance.scale (now {cfg.guidance.get('scale')}) or use "
+            "more steps."
         )

@@ -21,7 +21,8 @@ def default_out_dir(samples: str | Path, fallback: str | Path) -> Path:
 def main(cfg: DictConfig) -> None:
     ev = cfg.evaluation
     evaluate(ev.samples, ev.reference, cfg.metrics, ev.out_dir or default_out_dir(ev.samples, cfg.paths.output_dir),
-             cache_dir=ev.cache_dir, device=ev.device, batch_size=ev.batch_size, verbose=ev.verbose)
+             cache_dir=ev.cache_dir, device=ev.device, batch_size=ev.batch_size, verbose=ev.verbose,
+             allow_incomplete=ev.allow_incomplete)
 
 
 if __name__ == "__main__":

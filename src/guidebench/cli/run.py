@@ -19,7 +19,7 @@ def run(cfg: DictConfig) -> dict:
     run_dir = sample(cfg)
     ev = cfg.evaluation
     metrics = evaluate(ev.samples, ev.reference, cfg.metrics, ev.out_dir, cache_dir=ev.cache_dir, device=ev.device,
-                       batch_size=ev.batch_size, verbose=ev.verbose)
+                       batch_size=ev.batch_size, verbose=ev.verbose, allow_incomplete=ev.allow_incomplete)
     row = write_run_report(run_dir)
     print(format_table([row]))
     for logger in build_loggers(cfg.get("logger")):

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from guidebench.checkpoints import require_file, sha256_file
 from guidebench.evaluation.extractors import EvalNetExtractor
-from guidebench.evaluation.sources import SampleSource, check_compatible, open_source, reference_path
+from guidebench.evaluation.sources import SampleSource, check_compatible, open_samples, open_source, reference_path
 
 # torch-fidelity's result keys -> guidebench's metric names
 METRIC_NAMES = {
@@ -54,18 +54,22 @@ METRIC_NAMES = {
 
 def evaluate(samples: str | Path, reference: str | Path | None, metrics_cfg: Mapping[str, Any],
              out_dir: str | Path, *, cache_dir: str | Path, device: str = "auto", batch_size: int = 256,
-             verbose: bool = True) -> dict[str, Any]:
+             verbose: bool = True, allow_incomplete: bool = False) -> dict[str, Any]:
     """Metrics of `samples` against `reference` (None: the suite's) under suite `metrics_cfg`; writes
     out_dir/metrics.json and returns its contents.
+
+    A run folder is scored only if its shards are exactly the set its run.json lists; `allow_incomplete`
+    scores its verified shards anyway and records "complete": false (`sources.open_samples`).
 
     Suites with `engine: adm` (conf/metrics/adm.yaml, edm2.yaml, fast.yaml) reproduce the ADM evaluator
     (guidebench.evaluation.adm_suite); the others run torch-fidelity in their extractors' feature spaces.
     """
     suite = OmegaConf.to_container(metrics_cfg, resolve=True) if isinstance(metrics_cfg, DictConfig) else metrics_cfg
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    sample_source = open_source(samples)
+    sample_source = open_samples(samples, allow_incomplete)
     results: dict[str, Any] = {"suite": suite.get("name"), "samples": str(samples), "num_samples": len(sample_source),
-                               "nonfinite": sample_source.nonfinite}
+                               "nonfinite": sample_source.nonfinite, "complete": sample_source.complete,
+                               "num_requested": sample_source.requested}
     if suite.get("engine") == "adm":
         from guidebench.evaluation.adm_suite import evaluate_suite
 

@@ -3,6 +3,8 @@
 `open_source(path)` returns a map-style torch Dataset of uint8 [C, H, W] tensors (torch-fidelity's input
 convention) with per-sample `labels` (int64 numpy array, or None when the source has none), `nonfinite`
 (samples a sampling run dropped for NaN/inf) and `files` (what the content hash covers).
+`open_samples(path)` is what the evaluator scores: a run folder only if it holds exactly the set its
+run.json lists (guidebench.manifest), with `complete` and `requested` set; other sources as they are.
 
 Streaming: images are read one part at a time -- one shard, `chunk` rows of an npz's `arr_0` (read from
 the zip member, never the whole array), or one image file -- and a source holds at most ONE part in
@@ -13,6 +15,7 @@ uses it) reads every part once; random access is correct but re-reads parts.
 from __future__ import annotations
 
 import bisect
+import logging
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -22,9 +25,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from guidebench.manifest import IncompleteRunError, check_run, run_folder
 from guidebench.shards import ShardError, list_shards, read_shard
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+log = logging.getLogger(__name__)
 
 
 class SourceError(ValueError):
@@ -32,7 +37,14 @@ class SourceError(ValueError):
 
 
 class SampleSource(Dataset):
-    """uint8 [C, H, W] images of consecutive parts; subclasses list part sizes and load one part (NHWC)."""
+    """uint8 [C, H, W] images of consecutive parts; subclasses list part sizes and load one part (NHWC).
+
+    complete / requested: whether a run's scored shards are its whole requested set, and its size (None
+    for sources that are not checked runs, such as an ADM npz or an image folder).
+    """
+
+    complete: bool | None = None
+    requested: int | None = None
 
     def __init__(self, path: Path, part_sizes: list[int], shape: tuple[int, int, int], files: list[Path],
                  labels: np.ndarray | None = None, nonfinite: int = 0):
@@ -62,11 +74,12 @@ class SampleSource(Dataset):
 
 
 class ShardSource(SampleSource):
-    """A guidebench run folder (or its shards/ subfolder); labels and sizes come from the shards' headers."""
+    """A guidebench run folder (or its shards/ subfolder), or the shard `files` given; labels and sizes come
+    from the shards' headers."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, files: list[Path] | None = None):
         path = Path(path)
-        self.shard_paths = list_shards(path)
+        self.shard_paths = list_shards(path) if files is None else list(files)
         if not self.shard_paths:
             raise ShardError(f"no shard-*.npz files in {path}; sample into it first (guidebench-sample)")
         sizes, labels, nonfinite, shape = [], [], 0, None
@@ -75,7 +88,7 @@ class ShardSource(SampleSource):
                 with np.load(shard) as f:
                     header, lab, dropped = npz_header(f.zip, "arr_0"), f["arr_1"], f.get("nonfinite", ())
             except Exception as e:
-                raise ShardError(f"corrupt shard {shard}: {e}. Delete it and re-run sampling to regenerate it.") from e
+                raise ShardError(f"corrupt shard {shard}: {e}. Re-run the sampling call to regenerate it.") from e
             shape = _same_shape(shape, header, shard, path)
             sizes.append(header[0][0])
             labels.append(lab)
@@ -174,6 +187,38 @@ def open_source(path: str | Path) -> SampleSource:
         return ImageFolderSource(path)
     raise SourceError(f"no samples at {path}: expected a run folder (with shards/), a shard folder, an ADM .npz "
                       f"(arr_0 uint8 NHWC) or a folder of {'/'.join(IMAGE_EXTENSIONS)} images")
+
+
+def open_samples(path: str | Path, allow_incomplete: bool = False) -> SampleSource:
+    """The samples to score. A run folder must hold exactly the set its run.json lists, else IncompleteRunError
+    names what is missing and the command that completes it; with allow_incomplete its verified shards are
+    scored (`complete` False if they are not all of it). Other sources are scored as they are."""
+    path = Path(path).expanduser()
+    if not (path.is_dir() and ((path / "shards").is_dir() or any(path.glob("shard-*.npz")))):
+        return open_source(path)
+    run = run_folder(path)
+    if not (run / "run.json").is_file():
+        if not allow_incomplete:
+            raise IncompleteRunError(
+                f"{path} holds shard files but no run.json manifest, so nothing shows the set is complete; refusing "
+                "to score it. Re-run the guidebench-sample call that made it with sampling.out_dir="
+                f"{run} (it writes the manifest), or score the shards as they are with "
+                "evaluation.allow_incomplete=true")
+        log.warning("%s has no run.json manifest; scoring its shards as they are (complete: false)", path)
+        source = ShardSource(path)
+        source.complete = False
+        return source
+    coverage = check_run(run)
+    if not coverage.clean:
+        if not allow_incomplete:
+            raise IncompleteRunError(coverage.message())
+        if not coverage.valid:
+            raise IncompleteRunError(f"{run} has no verified shard to score:\n  " + "\n  ".join(coverage.problems()))
+        log.warning("scoring the verified shards of %s only (evaluation.allow_incomplete=true):\n  %s", run,
+                    "\n  ".join(coverage.problems()))
+    source = ShardSource(run, coverage.valid)
+    source.complete, source.requested = coverage.complete, coverage.manifest["num_samples"]
+    return source
 
 
 def check_compatible(samples: SampleSource, reference: SampleSource) -> None:
