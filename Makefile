@@ -18,13 +18,18 @@ setup: $(STAMP)  ## create .venv and install guidebench (editable) with its depe
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q uv
-	$(BIN)/uv pip install -q --native-tls --python $(BIN)/python -c constraints.txt -e '.[dev,slurm,fid]'
+	$(BIN)/uv pip install -q --native-tls --python $(BIN)/python -c constraints.txt -e '.[dev,slurm,fid,sweep]'
 	touch $@
 
-demo: setup  ## sample none / cfg / classifier / EDS / EluCD on digits and digits_uncond, evaluate, report
+demo: setup  ## every guidance method on digits and digits_uncond at a few scales, evaluate, report
 	$(RUN) backbone=digits guidance=none
 	$(RUN) backbone=digits guidance=cfg guidance.scale=1.5,2,3,5
 	$(RUN) backbone=digits guidance=classifier guidance.scale=1,3,10
+	$(RUN) backbone=digits guidance=cfg_interval guidance.scale=2,3
+	$(RUN) backbone=digits guidance=apg guidance.scale=2,3
+	$(RUN) backbone=digits guidance=cfg_zero_star guidance.scale=1.5
+	$(RUN) backbone=digits guidance=tcfg guidance.scale=1.5,2
+	$(RUN) backbone=digits guidance=autoguidance guidance.scale=1.5,2,3
 	$(RUN) backbone=digits guidance=eds guidance.scale=1
 	$(RUN) backbone=digits guidance=elucd classifier=digits_clean $(DDPM25) guidance.scale=0.3
 	$(RUN) backbone=digits_uncond guidance=none

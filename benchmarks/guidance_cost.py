@@ -4,7 +4,8 @@
 
 On the shipped unconditional digits model (DDIM-25, or DDPM-25 for EluCD's DDPM branch), times whole
 sampling runs of: unguided, classifier guidance (noise-aware classifier), EDS (same classifier), EluCD's
-DDPM branch and its EDM branch (clean off-the-shelf classifier). The variants run interleaved (A, B, C, ...,
+DDPM branch and its EDM branch (clean off-the-shelf classifier); on the conditional model (DDIM-25): CFG,
+CFG in the interval (0.28, 5.42], APG and autoguidance (with the shipped guide). The variants run interleaved (A, B, C, ...,
 A, B, C, ...) and each keeps its minimum over the repeats, so a loaded machine cannot flip a ratio. Prints
 each variant's time relative to unguided sampling (same solver) and to plain classifier guidance.
 """
@@ -18,8 +19,8 @@ import torch
 from guidebench.backbones.digits import load_denoiser
 from guidebench.classifiers.digits import load_clean_classifier, load_noisy_classifier
 from guidebench.config import REPO_ROOT
-from guidebench.guidance import (ClassifierGuidance, EluCDEDMGuidance, EluCDGuidance, EntropyDrivenGuidance,
-                                 NoGuidance)
+from guidebench.guidance import (AdaptiveProjectedGuidance, AutoGuidance, ClassifierFreeGuidance, ClassifierGuidance,
+                                 EluCDEDMGuidance, EluCDGuidance, EntropyDrivenGuidance, NoGuidance)
 from guidebench.rng import StackedRandomGenerator
 from guidebench.samplers import sample_ddim, sample_ddpm
 from guidebench.schedules import sigmas_respaced
@@ -35,6 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     ckpt, dev = REPO_ROOT / "checkpoints" / "digits", args.device
     den = load_denoiser(ckpt / "diffusion.pt", conditional=False).to(dev).eval()
+    cond = load_denoiser(ckpt / "diffusion.pt").to(dev).eval()
+    guide = load_denoiser(ckpt / "diffusion_guide.pt").to(dev).eval()
     noisy = load_noisy_classifier(ckpt / "noisy_classifier.pt").to(dev)
     clean = load_clean_classifier(ckpt / "clean_classifier.pt").to(dev)
     sigmas = sigmas_respaced(den, str(args.steps)).to(dev)
@@ -42,10 +45,10 @@ def main() -> None:
     x = torch.randn(n, 1, 8, 8, device=dev, dtype=torch.float64) * (1 + sigmas[0] ** 2).sqrt()
     y = torch.arange(n, device=dev) % 10
 
-    def run(solver, guidance):
+    def run(solver, guidance, model=den):
         def go():
             with torch.no_grad():
-                solver(den, x, sigmas, y, guidance=guidance, rng=StackedRandomGenerator(dev, range(n)))
+                solver(model, x, sigmas, y, guidance=guidance, rng=StackedRandomGenerator(dev, range(n)))
         return go
 
     fns = {
@@ -56,14 +59,20 @@ def main() -> None:
         "unguided (DDPM)": run(sample_ddpm, NoGuidance()),
         "classifier (DDPM)": run(sample_ddpm, ClassifierGuidance(noisy, 3.0)),
         "elucd (DDPM)": run(sample_ddpm, EluCDGuidance(clean, 0.1)),
+        "unguided (cond)": run(sample_ddim, NoGuidance(), cond),
+        "cfg (cond)": run(sample_ddim, ClassifierFreeGuidance(2.0), cond),
+        "cfg_interval (cond)": run(sample_ddim, ClassifierFreeGuidance(2.0, interval=[0.28, 5.42]), cond),
+        "apg (cond)": run(sample_ddim, AdaptiveProjectedGuidance(2.0), cond),
+        "autoguidance (cond)": run(sample_ddim, AutoGuidance(guide, 2.0), cond),
     }
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
     best = interleaved(fns, args.repeats, sync)
     print(f"device={dev} batch={n} steps={args.steps} repeats={args.repeats} (min of interleaved runs)")
-    print(f"{'variant':<20}{'seconds':>9}{'/ unguided':>12}{'/ classifier':>14}")
+    print(f"{'variant':<22}{'seconds':>9}{'/ unguided':>12}{'/ classifier':>14}")
     for name, t in best.items():
         form = name[name.index("("):]
-        print(f"{name:<20}{t:9.3f}{t / best['unguided ' + form]:12.2f}{t / best['classifier ' + form]:14.2f}")
+        plain = best.get("classifier " + form)
+        print(f"{name:<22}{t:9.3f}{t / best['unguided ' + form]:12.2f}" + (f"{t / plain:14.2f}" if plain else ""))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The README's command lines on the shipped digits models, end to end, as a user runs them."""
 
+import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +27,8 @@ def cli(name, *args, cwd, check=True):
 def test_run_writes_shards_metrics_summary_and_grid(tmp_path):
     run = tmp_path / "run"
     cli("guidebench-run", "backbone=digits", "guidance=cfg", "guidance.scale=2", "sampling.num_samples=512",
-        f"hydra.run.dir={run}", "evaluation.cache_dir=" + str(tmp_path / "cache"), cwd=tmp_path)
+        "sampler.schedule.respacing=ddim25", f"hydra.run.dir={run}", "evaluation.cache_dir=" + str(tmp_path / "cache"),
+        cwd=tmp_path)
     shards = [read_shard(p) for p in list_shards(run)]
     assert sum(len(s["arr_0"]) for s in shards) == 512 and shards[0]["arr_0"].shape[1:] == (8, 8, 1)
     assert np.array_equal(np.concatenate([s["indices"] for s in shards]), np.arange(512))
@@ -33,10 +36,14 @@ def test_run_writes_shards_metrics_summary_and_grid(tmp_path):
     assert metrics["num_samples"] == 512 and metrics["accuracy"] > 0.9 and metrics["fid"] > 0
     summary = (run / "summary.csv").read_text().splitlines()
     assert summary[0].split(",")[:7] == ["run", "backbone", "guidance", "classifier", "sampler", "scale", "num_samples"]
-    assert summary[1].startswith("run,digits,cfg,,ddim,2,512,")
+    assert summary[1].startswith("run,digits,cfg,,ddim,2,512,True,0,")  # complete, no non-finite sample
+    (row,) = csv.DictReader(summary)
+    assert float(row["nfe"]) == 50 and float(row["classifier_nfe"]) == 0  # CFG on DDIM-25: 2 per step
+    assert float(row["sampling_seconds"]) > 0 and float(row["samples_per_second"]) > 0
     assert (run / "grid.png").stat().st_size > 0
-    fingerprint = json.loads((run / "run.json").read_text())["fingerprint"]
-    assert fingerprint["guidance"] == "cfg" and fingerprint["scale"] == 2.0
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["fingerprint"]["guidance"] == "cfg" and manifest["fingerprint"]["scale"] == 2.0
+    assert manifest["device"].startswith("cpu") and metrics["complete"] is True
 
 
 def test_sweep_then_report_draws_the_tradeoff(tmp_path):
@@ -70,6 +77,26 @@ def test_resume_refuse_and_nonfinite(tmp_path):
     assert bad.returncode != 0 and "NaN/inf" in bad.stderr
     info = json.loads((out / "run.json").read_text())
     assert info["nonfinite"] + info["written"] == 40 and info["nonfinite"] > 0
+
+
+def test_a_deleted_shard_is_refused_then_completed_by_the_printed_command(tmp_path):
+    """64 digits in 4 shards, one deleted: evaluate names [16, 32) and the command that completes the set; the
+    command rewrites that shard only, byte for byte (allow_incomplete: tests/test_manifest.py)."""
+    out = tmp_path / "samples"
+    cli("guidebench-sample", "backbone=digits", "sampling.num_samples=64", "sampling.shard_size=16",
+        "sampler.schedule.respacing=ddim5", f"sampling.out_dir={out}", f"hydra.run.dir={tmp_path / 'h'}", cwd=tmp_path)
+    uninterrupted = {p.name: p.read_bytes() for p in list_shards(out)}
+    (out / "shards" / "shard-000001.npz").unlink()
+    evaluate = ["guidebench-evaluate", f"evaluation.samples={out}", f"evaluation.cache_dir={tmp_path / 'cache'}",
+                f"hydra.run.dir={tmp_path / 'he'}"]
+    refused = cli(*evaluate, cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and "missing indices: [16, 32)" in refused.stderr
+    assert not (out / "metrics.json").exists()
+    command = next(line.strip() for line in refused.stderr.splitlines() if line.strip().startswith("guidebench-sample"))
+    kept = (out / "shards" / "shard-000000.npz").stat().st_mtime_ns
+    cli(*shlex.split(command), cwd=tmp_path)
+    assert {p.name: p.read_bytes() for p in list_shards(out)} == uninterrupted
+    assert (out / "shards" / "shard-000000.npz").stat().st_mtime_ns == kept  # finished shards were skipped
 
 
 @pytest.mark.parametrize("method", [
@@ -127,3 +154,22 @@ def test_wandb_logs_offline_into_the_run_folder(tmp_path):
     record = log.read_bytes()
     assert b"num_samples" in record and b"fid" in record and b"accuracy" in record  # config and metrics
     assert any((offline / "files" / "media" / "images").glob("grid_*.png"))
+
+
+def test_optuna_search_minimises_fid_and_the_report_names_the_best_trial(tmp_path):
+    """hydra/sweeper=optuna over a method's scale: 4 trials on digits; guidebench-run returns FID, the report
+    names the best point and keeps every trial in its table."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "search"
+    cli("guidebench-run", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.direction=minimize",
+        "hydra.sweeper.sampler.seed=0", "backbone=digits", "guidance=apg", "guidance.scale=interval(1.0,4.0)",
+        "sampler.schedule.respacing=ddim10", "sampling.num_samples=64", f"hydra.sweep.dir={sweep}",
+        "evaluation.cache_dir=" + str(tmp_path / "cache"), cwd=tmp_path)
+    fids = {p.parent.name: json.loads(p.read_text())["fid"] for p in sweep.rglob("metrics.json")}
+    assert len(fids) == 4
+    report = cli("guidebench-report", f"report.root={sweep}", cwd=tmp_path)
+    best = min(fids, key=fids.get)
+    line = (sweep / "search.txt").read_text().strip()
+    assert line.startswith("best of 4 trials: guidance.scale=") and f"(trial {best})" in line
+    assert f"FID {fids[best]:.4g}" in line and line in report.stdout
+    assert len((sweep / "summary.csv").read_text().splitlines()) == 5

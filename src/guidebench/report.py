@@ -1,7 +1,10 @@
 """Reports over evaluated runs: summary tables, sample grids and the guidance trade-off plot.
 
 Per run folder (RUN/run.json from sampling, RUN/metrics.json from guidebench-evaluate):
-    RUN/summary.csv   one row: the run's configuration and metrics (COLUMNS)
+    RUN/summary.csv   one row: the run's configuration and metrics (COLUMNS): num_samples scored, complete
+                      (whether they are the run's whole requested set; empty for a foreign npz or image
+                      folder), nonfinite (samples dropped as NaN/inf), and the sampling cost from run.json:
+                      nfe and classifier_nfe per sample, sampling_seconds, samples_per_second
     RUN/grid.png      its first samples, nearest-neighbour upscaled
 Over all runs, in the report's output folder:
     summary.csv       one row per run (also printed)
@@ -25,10 +28,12 @@ from PIL import Image
 
 from guidebench.evaluation.sources import ShardSource
 
-COLUMNS = ("run", "backbone", "guidance", "classifier", "sampler", "scale", "num_samples", "fid", "is", "precision",
-           "recall", "kid", "accuracy")
+COLUMNS = ("run", "backbone", "guidance", "classifier", "sampler", "scale", "num_samples", "complete", "nonfinite",
+           "fid", "is", "precision", "recall", "kid", "accuracy", "nfe", "classifier_nfe", "sampling_seconds",
+           "samples_per_second")
 CURVE = ("backbone", "guidance", "classifier", "sampler")  # one trade-off curve per setting of these, over the scale
 METRICS = ("fid", "is", "precision", "recall", "kid", "accuracy")
+COST = ("nfe", "classifier_nfe", "sampling_seconds", "samples_per_second")  # from run.json
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -40,18 +45,19 @@ def find_runs(root: str | Path) -> list[Path]:
 
 
 def summarize(run: str | Path, name: str | None = None) -> dict[str, Any]:
-    """The summary row of one run: run.json's fingerprint (if any) and metrics.json's numbers."""
+    """The summary row of one run: run.json's fingerprint and cost (if any) and metrics.json's numbers."""
     run = Path(run)
     if not (run / "metrics.json").is_file():
         raise FileNotFoundError(f"{run / 'metrics.json'} not found; evaluate it first: "
                                 f"guidebench-evaluate evaluation.samples={run}")
     metrics = json.loads((run / "metrics.json").read_text())
-    fingerprint = json.loads((run / "run.json").read_text()).get("fingerprint", {}) \
-        if (run / "run.json").is_file() else {}
+    manifest = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    fingerprint = manifest.get("fingerprint", {})
     return {"run": name or run.name, "backbone": fingerprint.get("backbone"), "guidance": fingerprint.get("guidance"),
             "classifier": fingerprint.get("classifier"), "sampler": fingerprint.get("sampler"),
             "scale": fingerprint.get("scale"), "num_samples": metrics.get("num_samples", fingerprint.get("num_samples")),
-            **{k: metrics.get(k) for k in METRICS}}
+            "complete": metrics.get("complete"), "nonfinite": metrics.get("nonfinite"),
+            **{k: metrics.get(k) for k in METRICS}, **{k: manifest.get(k) for k in COST}}
 
 
 def write_csv(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
@@ -173,4 +179,25 @@ def report(runs: Iterable[str | Path] = (), root: str | Path | None = None, out_
     write_csv(rows, out_dir / "summary.csv")
     tradeoff_plot(rows, out_dir / "tradeoff.png")
     print(format_table(rows))
+    if root is not None and (Path(root) / "optimization_results.yaml").is_file():
+        best = search_result(root)
+        (out_dir / "search.txt").write_text(best + "\n")
+        print(best)
     return rows
+
+
+def search_result(root: str | Path) -> str:
+    """The best point of a Hydra Optuna search over `root` (its optimization_results.yaml), as one line that
+    names the trial (its run folder) and the objective (guidebench-run returns FID)."""
+    from omegaconf import OmegaConf
+
+    result = OmegaConf.load(Path(root) / "optimization_results.yaml")
+    params = OmegaConf.to_container(result.best_params)
+    trials = {}
+    for run in find_runs(root):
+        overrides = json.loads((run / "run.json").read_text()).get("overrides", []) if (run / "run.json").is_file() else []
+        trials[run.name] = dict(o.split("=", 1) for o in overrides if "=" in o)
+    match = [name for name, o in trials.items() if all(o.get(k) == str(v) for k, v in params.items())]
+    where = f" (trial {match[0]})" if match else ""
+    setting = ", ".join(f"{k}={v}" for k, v in params.items())
+    return f"best of {len(trials)} trials: {setting} -> FID {float(result.best_value):.4g}{where}"
