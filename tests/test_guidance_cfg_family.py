@@ -178,3 +178,43 @@ def test_every_cfg_like_method_sharpens_the_class_posterior():
     for method in (ClassifierFreeGuidance(3.0), AdaptiveProjectedGuidance(3.0, eta=1.0), CFGZeroStar(3.0, 0),
                    TangentialCFG(3.0), AutoGuidance(GaussianDenoiser(MUS, s=1.5), 3.0)):
         assert distance(method) < base, type(method).__name__
+
+
+def test_cfgpp_step_is_guided_x0_renoised_with_the_unconditional_eps():
+    """One DDIM step (eta 0) with CFG++: x' = x0_u + lam (x0_c - x0_u) + sigma' (x - x0_u) / sigma (Chung et al. 2025)."""
+    from guidebench.guidance import CFGPlusPlus
+    from guidebench.samplers import sample_ddpm
+
+    den = GaussianDenoiser(MUS)
+    x, _, y = batch()
+    sigmas = torch.tensor([3.0, 1.2, 0.0], dtype=torch.float64)
+    g = CFGPlusPlus(0.6)
+    g.check(den, sample_ddim)
+    first = {}
+
+    def record(info):
+        first.setdefault("x", info["x"])
+
+    sample_ddim(den, x.double(), sigmas, y, guidance=g, callback=record)
+    s = sigmas[0].expand(5)
+    c, u = den(x, s, y).x0.double(), den(x, s, None).x0.double()
+    expected = u + 0.6 * (c - u) + 1.2 * (x.double() - u) / 3.0
+    torch.testing.assert_close(first["x"], expected, rtol=1e-6, atol=1e-6)
+    lam0 = sample_ddim(den, x.double(), sigmas, y, guidance=CFGPlusPlus(0.0))
+    uncond = sample_ddim(den, x.double(), sigmas, torch.full_like(y, den.null_label))
+    torch.testing.assert_close(lam0, uncond)  # lam = 0: unconditional sampling
+    for solver in (sample_ddpm, sample_heun):
+        with pytest.raises(ValueError, match="sampler=ddim"):
+            g.check(den, solver)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        CFGPlusPlus(1.5)
+
+
+def test_cfgpp_composes_with_the_interval():
+    from guidebench.guidance import CFGPlusPlus
+
+    den = GaussianDenoiser(MUS)
+    sigmas = sigmas_karras(den, 6)
+    x, _, y = batch(2)
+    sample_ddim(den, x.double() * 80, sigmas, y, guidance=CFGPlusPlus(0.5, interval=[float(sigmas[4]), float(sigmas[1])]))
+    assert den.calls[-6:] == [2, 4, 4, 4, 2, 2]

@@ -28,7 +28,8 @@ def _sigma_batch(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _denoise(guidance: Guidance, denoiser, x, sigma, labels, step: int, **kwargs):
     den = guidance(denoiser, x.to(torch.float32), _sigma_batch(sigma, x), labels, step=step, **kwargs)
-    return den._replace(x0=den.x0.to(torch.float64))
+    renoise = None if den.renoise_x0 is None else den.renoise_x0.to(torch.float64)
+    return den._replace(x0=den.x0.to(torch.float64), renoise_x0=renoise)
 
 
 def _displace(guidance: Guidance, denoiser, x, sigma, labels, step: int) -> torch.Tensor:
@@ -44,7 +45,8 @@ def sample_ddim(denoiser, x, sigmas, labels=None, *, guidance: Guidance | None =
     divided by sqrt(abar_{t-1}) is
         x' = x0_hat + sigma_down eps + sigma_up z,
         sigma_up = eta sigma' sqrt(1 - sigma'^2 / sigma^2),  sigma_down = sqrt(sigma'^2 - sigma_up^2).
-    eta = 0 is deterministic; eta = 1 is DDPM with fixed-small variance.
+    eta = 0 is deterministic (the Euler step of the probability-flow ODE); eta = 1 is DDPM with fixed-small
+    variance. A prediction with `renoise_x0` (CFG++) takes eps from it instead of from x0_hat.
     RNG: one `randn_like(x)` per step with eta > 0 and sigma' > 0.
     """
     guidance = guidance or NoGuidance()
@@ -54,7 +56,7 @@ def sample_ddim(denoiser, x, sigmas, labels=None, *, guidance: Guidance | None =
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x = _displace(guidance, denoiser, x, sigma, labels, i)
         den = _denoise(guidance, denoiser, x, sigma, labels, i)
-        eps = (x - den.x0) / sigma
+        eps = (x - (den.x0 if den.renoise_x0 is None else den.renoise_x0)) / sigma
         sigma_up = eta * sigma_next * (1 - sigma_next**2 / sigma**2).clamp_min(0).sqrt() if eta > 0 else sigma_next * 0
         sigma_down = (sigma_next**2 - sigma_up**2).sqrt()
         x = den.x0 + sigma_down * eps
@@ -135,6 +137,7 @@ def sample_ddpm(denoiser, x, sigmas, labels=None, *, guidance: Guidance | None =
 
 
 sample_ddpm.guidance_form = "mean"
+sample_ddim.supports_renoise = True
 
 
 def sample_heun(denoiser, x, sigmas, labels=None, *, guidance: Guidance | None = None,

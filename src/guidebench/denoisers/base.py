@@ -20,10 +20,14 @@ class Denoised(NamedTuple):
     var_frac: [B, C, H, W] or None. For models with learned variance (ADM/DiT, Nichol & Dhariwal
               2021 eq. 15) the interpolation weight v in [0, 1] with
               log Sigma = v log beta_t + (1 - v) log beta_tilde_t; None for fixed-variance models.
+    renoise_x0: [B, C, H, W] or None. Set by a guidance method that re-noises with another estimate's
+              noise (CFG++: the unconditional one); a solver that supports it (`supports_renoise`) takes
+              eps = (x - renoise_x0) / sigma for the step's noise direction. None: x0's own.
     """
 
     x0: torch.Tensor
     var_frac: torch.Tensor | None = None
+    renoise_x0: torch.Tensor | None = None
 
 
 @runtime_checkable

@@ -91,17 +91,23 @@ class ClassifierFreeGuidance(Guidance):
     def begin(self, denoiser, sigmas, labels) -> None:
         self.sigmas = sigmas
 
+    def in_window(self, step: int | None) -> bool:
+        """Whether step `step` is guided by the interval keys (always without a step or a schedule)."""
+        if step is None or self.sigmas is None:
+            return True
+        n = len(self.sigmas) - 1
+        sigma = float(self.sigmas[step])
+        if self.interval is not None and not self.interval[0] < sigma <= self.interval[1]:
+            return False
+        return self.interval_steps is None or int(self.interval_steps[0] * n) <= step < int(self.interval_steps[1] * n)
+
     def step_scale(self, step: int | None) -> float:
         """The scale at step `step` of the schedule given to `begin` (1 = unguided); `scale` without a step."""
         if step is None or self.sigmas is None:
             return self.scale
-        n = len(self.sigmas) - 1
-        sigma = float(self.sigmas[step])
-        if self.interval is not None and not self.interval[0] < sigma <= self.interval[1]:
+        if not self.in_window(step):
             return 1.0
-        if self.interval_steps is not None and not int(self.interval_steps[0] * n) <= step < int(self.interval_steps[1] * n):
-            return 1.0
-        p = (step + 1) / n
+        p = (step + 1) / (len(self.sigmas) - 1)
         w = self.scale - 1
         if self.schedule == "linear":
             w = 2 * p * w
