@@ -29,6 +29,7 @@ demo: setup  ## every guidance method on digits and digits_uncond at a few scale
 	$(RUN) backbone=digits guidance=apg guidance.scale=2,3
 	$(RUN) backbone=digits guidance=cfg_zero_star guidance.scale=1.5
 	$(RUN) backbone=digits guidance=tcfg guidance.scale=1.5,2
+	$(RUN) backbone=digits guidance=cfgpp guidance.scale=0.3,0.6
 	$(RUN) backbone=digits guidance=autoguidance guidance.scale=1.5,2,3
 	$(RUN) backbone=digits guidance=eds guidance.scale=1
 	$(RUN) backbone=digits guidance=elucd classifier=digits_clean $(DDPM25) guidance.scale=0.3
