@@ -76,3 +76,13 @@ class LinearClassifier(torch.nn.Module):
     def grad_log_prob(self, x, labels):
         p = torch.softmax(self(x, None), dim=1)
         return self.w[labels] - torch.einsum("bk,kchw->bchw", p, self.w)
+
+
+MUS = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))  # the guidance tests' 3 class means
+
+
+def batch(n: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n states x [n, 1, 4, 4], noise levels sigma in [0.1, 3.1) (float64) and labels in {0, 1, 2}, from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 1, 4, 4, generator=g), torch.rand(n, generator=g).double() * 3 + 0.1,
+            torch.randint(0, 3, (n,), generator=g))

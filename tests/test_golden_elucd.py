@@ -9,6 +9,7 @@ Heun run with the stored per-step noise. Tolerances: README-elucd.md section 6.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -67,8 +68,6 @@ def unet(ddpm, tmp_path_factory):
 
 
 def _ddpm_guidance(resnet, h: dict) -> EluCDGuidance:
-    import copy
-
     return EluCDGuidance(copy.deepcopy(resnet), h["classifier_scale"], h["softplus_beta"], h["joint_temperature"],
                          h["margin_temperature_discount"], h["gamma_factor"], max_variance="first_in_batch")
 
@@ -176,8 +175,6 @@ def edm_net():
 
 
 def _edm_guidance(resnet, kw: dict) -> EluCDEDMGuidance:
-    import copy
-
     return EluCDEDMGuidance(copy.deepcopy(resnet), kw["max_guidance"], kw["softplus_beta"], kw["joint_temperature"],
                             kw["uncond_temperature"], kw["add_factor"])
 

@@ -9,15 +9,7 @@ from guidebench.guidance import ClassifierFreeGuidance, ClassifierGuidance, NoGu
 from guidebench.rng import StackedRandomGenerator
 from guidebench.samplers import sample_ddim, sample_ddpm
 from guidebench.schedules import sigmas_respaced
-from tests.analytic import GaussianDenoiser, LinearClassifier, gaussian_vp
-
-MUS = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-
-
-def batch(n=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 1, 4, 4, generator=g), torch.rand(n, generator=g).double() * 3 + 0.1,
-            torch.randint(0, 3, (n,), generator=g))
+from tests.analytic import MUS, GaussianDenoiser, LinearClassifier, batch, gaussian_vp
 
 
 def test_cfg_matches_hand_computation_in_one_forward():

@@ -9,15 +9,7 @@ from guidebench.guidance import ClassifierGuidance, EluCDEDMGuidance, EluCDGuida
 from guidebench.rng import StackedRandomGenerator
 from guidebench.samplers import sample_ddim, sample_ddpm, sample_heun
 from guidebench.schedules import sigmas_karras
-from tests.analytic import GaussianDenoiser, LinearClassifier
-
-MUS = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-
-
-def batch(n=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, 1, 4, 4, generator=g), torch.rand(n, generator=g).double() * 3 + 0.1,
-            torch.randint(0, 3, (n,), generator=g))
+from tests.analytic import MUS, GaussianDenoiser, LinearClassifier, batch
 
 
 def classifier(seed=1, gain=1.0):
