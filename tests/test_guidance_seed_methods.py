@@ -47,7 +47,7 @@ class Recorder(Guidance):
     def __init__(self):
         self.log = []
 
-    def begin(self, denoiser, sigmas, labels):
+    def begin(self, denoiser, sigmas, labels, rng=None):
         self.log.append(("begin", len(sigmas)))
 
     def displace(self, denoiser, x, sigma, labels, step=None):

@@ -51,7 +51,7 @@ def sample_ddim(denoiser, x, sigmas, labels=None, *, guidance: Guidance | None =
     """
     guidance = guidance or NoGuidance()
     x = x.to(torch.float64)
-    guidance.begin(denoiser, sigmas, labels)
+    guidance.begin(denoiser, sigmas, labels, rng=rng)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x = _displace(guidance, denoiser, x, sigma, labels, i)
@@ -120,7 +120,7 @@ def sample_ddpm(denoiser, x, sigmas, labels=None, *, guidance: Guidance | None =
         raise ValueError(f"unknown DDPM variance {variance!r}; expected fixed_small, fixed_large or learned")
     guidance = guidance or NoGuidance()
     x = x.to(torch.float64)
-    guidance.begin(denoiser, sigmas, labels)
+    guidance.begin(denoiser, sigmas, labels, rng=rng)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x = _displace(guidance, denoiser, x, sigma, labels, i)
@@ -155,7 +155,7 @@ def sample_heun(denoiser, x, sigmas, labels=None, *, guidance: Guidance | None =
     guidance = guidance or NoGuidance()
     x = x.to(torch.float64)
     n = len(sigmas) - 1
-    guidance.begin(denoiser, sigmas, labels)
+    guidance.begin(denoiser, sigmas, labels, rng=rng)
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x = _displace(guidance, denoiser, x, sigma, labels, i)

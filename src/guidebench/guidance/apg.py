@@ -33,8 +33,8 @@ class AdaptiveProjectedGuidance(ClassifierFreeGuidance):
         self.eta, self.momentum, self.norm_threshold = float(eta), float(momentum), norm_threshold
         self.running = None
 
-    def begin(self, denoiser, sigmas, labels) -> None:
-        super().begin(denoiser, sigmas, labels)
+    def begin(self, denoiser, sigmas, labels, rng=None) -> None:
+        super().begin(denoiser, sigmas, labels, rng)
         self.running = None
 
     def combine(self, cond, uncond, scale):

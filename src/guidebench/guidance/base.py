@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from guidebench.denoisers.base import Denoised
+from guidebench.rng import StackedRandomGenerator
 
 
 def solver_form(solver) -> str:
@@ -15,7 +16,7 @@ def solver_form(solver) -> str:
 class Guidance:
     """A guidance method changes one step; a solver drives it through four calls.
 
-    Per trajectory (one batch): `begin(denoiser, sigmas, labels)` resets any state (a running max,
+    Per trajectory (one batch): `begin(denoiser, sigmas, labels, rng)` resets any state (a running max,
     a momentum) and sees the schedule. Per step i (sigmas[i] -> sigmas[i + 1]), in this order:
       `displace(denoiser, x, sigma, labels, step=i) -> x`: move the state before the step
           (a displacement method such as EluCD's EDM branch); identity by default;
@@ -43,8 +44,12 @@ class Guidance:
                 setattr(self, key, value.to(device).eval())
         return self
 
-    def begin(self, denoiser, sigmas: torch.Tensor, labels: torch.Tensor | None) -> None:
-        """A new trajectory over the descending schedule `sigmas` (float64, trailing 0) starts."""
+    def begin(self, denoiser, sigmas: torch.Tensor, labels: torch.Tensor | None,
+              rng: StackedRandomGenerator | None = None) -> None:
+        """A new trajectory over the descending schedule `sigmas` (float64, trailing 0) starts.
+
+        `rng` is the solver's per-sample generator: a method that draws noise (a re-noising recurrence,
+        a Monte-Carlo estimate) draws it there, so each sample's stream depends on its seed only."""
 
     def displace(self, denoiser, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
                  step: int | None = None) -> torch.Tensor:

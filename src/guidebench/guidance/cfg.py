@@ -88,7 +88,7 @@ class ClassifierFreeGuidance(Guidance):
         if self.channels is not None and self.channels > denoiser.img_channels:
             raise ValueError(f"cfg channels={self.channels} exceeds the backbone's {denoiser.img_channels} channels")
 
-    def begin(self, denoiser, sigmas, labels) -> None:
+    def begin(self, denoiser, sigmas, labels, rng=None) -> None:
         self.sigmas = sigmas
 
     def in_window(self, step: int | None) -> bool:

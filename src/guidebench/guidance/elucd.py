@@ -52,7 +52,7 @@ class _EluCD(Guidance):
         if not denoiser.num_classes:
             raise ValueError(f"guidance={self.name} guides towards a class label; the backbone has no label space")
 
-    def begin(self, denoiser, sigmas, labels) -> None:
+    def begin(self, denoiser, sigmas, labels, rng=None) -> None:
         self.num_steps = len(sigmas) - 1
 
 
@@ -97,8 +97,8 @@ class EluCDGuidance(_EluCD):
             raise ValueError("guidance=elucd is EluCD's DDPM branch, a shift of the ancestral mean: use sampler=ddpm "
                              "(guidance=elucd_edm is the branch for DDIM/Heun samplers)")
 
-    def begin(self, denoiser, sigmas, labels) -> None:
-        super().begin(denoiser, sigmas, labels)
+    def begin(self, denoiser, sigmas, labels, rng=None) -> None:
+        super().begin(denoiser, sigmas, labels, rng)
         self.running_max = None
 
     def __call__(self, denoiser, x, sigma, labels, mean_form: bool = False, step: int | None = None):
