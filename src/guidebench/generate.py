@@ -28,13 +28,15 @@ def to_uint8(x: torch.Tensor, rule: str = "adm") -> np.ndarray:
 
 
 class CountingDenoiser:
-    """A denoiser that counts the rows it evaluates: a batched CFG forward of 2B rows counts 2 per sample."""
+    """A denoiser that counts the rows it evaluates: a batched CFG forward of 2B rows counts 2 per sample,
+    and a row whose input requires grad counts 2, its forward and the backward through it
+    (methods that differentiate through the denoiser: DPS, FreeDoM, DOODL)."""
 
     def __init__(self, denoiser):
         self.denoiser, self.rows = denoiser, 0
 
     def __call__(self, x: torch.Tensor, *args, **kwargs):
-        self.rows += x.shape[0]
+        self.rows += x.shape[0] * (2 if torch.is_grad_enabled() and x.requires_grad else 1)
         return self.denoiser(x, *args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -55,7 +57,8 @@ class GuidanceNetworkCounter:
 
     def _counter(self, kind: str):
         def count(module, args, kwargs) -> None:
-            self.rows[kind] += len(args[0] if args else next(iter(kwargs.values())))
+            x = args[0] if args else next(iter(kwargs.values()))
+            self.rows[kind] += len(x) * (2 if kind == "denoiser" and torch.is_grad_enabled() and x.requires_grad else 1)
         return count
 
     def __enter__(self) -> "GuidanceNetworkCounter":
@@ -80,8 +83,8 @@ def generate(denoiser, solver: Callable, sigmas: torch.Tensor, seeds: Sequence[i
     (x_T ~ N(0, I) in VP coordinates) and latents * sigma_0 otherwise.
     Returns images (uint8 NHWC; non-finite samples dropped), labels (int64, -1 without classes),
     the kept positions `kept` and the positions of non-finite samples `nonfinite`, and the cost per sample:
-    `nfe`, denoiser evaluations (rows through the denoiser, so CFG's batched forward counts 2, plus those
-    of a guide model the method holds), and `classifier_nfe`, evaluations of the method's classifier
+    `nfe`, denoiser evaluations (rows through the denoiser, so CFG's batched forward counts 2, a forward
+    differentiated through counts 2 more, plus those of a guide model the method holds), and `classifier_nfe`, evaluations of the method's classifier
     (each with its backward pass for the gradient; 0 without a classifier).
     """
     rng = StackedRandomGenerator(device, seeds)
