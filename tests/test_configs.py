@@ -78,5 +78,5 @@ def test_every_experiments_guidance_and_solver_instantiate(compose_cfg, experime
     guidance = hydra.utils.instantiate(cfg.guidance, **kwargs)
     assert guidance.scale == cfg.guidance.get("scale", guidance.scale)
     assert callable(hydra.utils.instantiate(cfg.sampler.solver))
-    if "paper" in cfg:
+    if "paper" in cfg and cfg.paper.fid is not None:  # null: no published number for this setting (source says why)
         assert cfg.paper.fid > 0 and cfg.paper.source and cfg.paper.evaluator and cfg.paper.nfe > 0

@@ -72,6 +72,12 @@ class GuidanceNetworkCounter:
         self._hooks = []
 
 
+def start_scale(denoiser, sigmas: torch.Tensor) -> torch.Tensor:
+    """The factor from standard-normal latents to the start x at sigmas[0]: sqrt(1 + sigma_0^2) for VP models
+    (x_T ~ N(0, I) in VP coordinates), sigma_0 otherwise."""
+    return (1 + sigmas[0] ** 2).sqrt() if getattr(denoiser, "variance_preserving", False) else sigmas[0]
+
+
 @torch.no_grad()
 def generate(denoiser, solver: Callable, sigmas: torch.Tensor, seeds: Sequence[int], *,
              num_classes: int, guidance: Guidance | None = None, decoder: Callable | None = None,
@@ -79,8 +85,8 @@ def generate(denoiser, solver: Callable, sigmas: torch.Tensor, seeds: Sequence[i
     """Sample one image per seed.
 
     RNG per seed (EDM generate.py order): latents randn([C, R, R]), then the label randint(num_classes),
-    then whatever the solver draws. The start is x = latents * sqrt(1 + sigma_0^2) for VP models
-    (x_T ~ N(0, I) in VP coordinates) and latents * sigma_0 otherwise.
+    then whatever the solver (or the method's `solve`) draws. The start is x = latents * `start_scale`:
+    sqrt(1 + sigma_0^2) for VP models (x_T ~ N(0, I) in VP coordinates) and sigma_0 otherwise.
     Returns images (uint8 NHWC; non-finite samples dropped), labels (int64, -1 without classes),
     the kept positions `kept` and the positions of non-finite samples `nonfinite`, and the cost per sample:
     `nfe`, denoiser evaluations (rows through the denoiser, so CFG's batched forward counts 2, a forward
@@ -92,11 +98,11 @@ def generate(denoiser, solver: Callable, sigmas: torch.Tensor, seeds: Sequence[i
     latents = rng.randn([n, denoiser.img_channels, denoiser.img_resolution, denoiser.img_resolution])
     labels = rng.randint(num_classes, size=[n]) if num_classes > 0 else None
     sigmas = sigmas.to(device)
-    scale = (1 + sigmas[0] ** 2).sqrt() if getattr(denoiser, "variance_preserving", False) else sigmas[0]
     guidance = guidance or NoGuidance()
     counted = CountingDenoiser(denoiser)
     with GuidanceNetworkCounter(guidance, denoiser) as networks:
-        x = solver(counted, latents.to(torch.float64) * scale, sigmas, labels, guidance=guidance, rng=rng)
+        x = guidance.solve(solver, counted, latents.to(torch.float64) * start_scale(denoiser, sigmas), sigmas, labels,
+                           rng=rng)
     if decoder is not None:
         x = decoder(x.to(torch.float32))
     finite = torch.isfinite(x.reshape(n, -1)).all(dim=1).cpu().numpy()

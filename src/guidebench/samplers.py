@@ -177,3 +177,134 @@ def sample_heun(denoiser, x, sigmas, labels=None, *, guidance: Guidance | None =
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": den.x0})
     return x
+
+
+def ddim_move(x: torch.Tensor, eps: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """The deterministic DDIM step (Song et al. 2021 eq. 12, eta = 0) of x along a given eps, sigma space:
+    x' = x + (sigma' - sigma) eps. With the sigmas swapped it is its own exact inverse for the same eps."""
+    return x + (sigma_next - sigma) * eps
+
+
+def _edict_eps(guidance: Guidance, denoiser, z, sigma, sigma_z, labels, step: int) -> torch.Tensor:
+    """eps of the latent z (at level sigma_z) predicted at the step's level sigma, as EDICT evaluates it: the network
+    gets z's own array with the step's timestep, so a VP model sees z / sqrt(1 + sigma_z^2) at sigma."""
+    if getattr(denoiser, "variance_preserving", False):
+        z = z * ((1 + sigma**2) / (1 + sigma_z**2)).sqrt()
+    return (z - _denoise(guidance, denoiser, z, sigma, labels, step).x0) / sigma
+
+
+def _edict_order(x, y, i: int):
+    """(first, second) latent of step i: x first at even i, y first at odd i (salesforce/DOODL SteppingLayer)."""
+    return (x, y) if i % 2 == 0 else (y, x)
+
+
+def edict_mix(x, y, mix: float):
+    """EDICT's mixing (averaging) layer, x first: x'' = p x + (1 - p) y, then y'' = (1 - p) x'' + p y."""
+    x = mix * x + (1 - mix) * y
+    return x, (1 - mix) * x + mix * y
+
+
+def edict_unmix(x, y, mix: float):
+    """The exact inverse of `edict_mix`: y = (y'' - (1-p) x'') / p, then x = (x'' - (1-p) y) / p."""
+    y = (y - (1 - mix) * x) / mix
+    return (x - (1 - mix) * y) / mix, y
+
+
+def edict_step(guidance: Guidance, denoiser, x, y, sigmas, labels, i: int, mix: float = 0.93):
+    """EDICT step i (sigmas[i] -> sigmas[i + 1]) of the coupled latents (Wallace et al. 2023, EDICT):
+    a = a + (sigma' - sigma) eps(b; sigma), b = b + (sigma' - sigma) eps(a; sigma) with (a, b) = (x, y) at even i and
+    (y, x) at odd i, then `edict_mix`. Two denoiser evaluations; deterministic."""
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    a, b = _edict_order(x, y, i)
+    a = ddim_move(a, _edict_eps(guidance, denoiser, b, sigma, sigma, labels, i), sigma, sigma_next)
+    b = ddim_move(b, _edict_eps(guidance, denoiser, a, sigma, sigma_next, labels, i), sigma, sigma_next)
+    return edict_mix(*_edict_order(a, b, i), mix)
+
+
+def edict_step_inverse(guidance: Guidance, denoiser, x, y, sigmas, labels, i: int, mix: float = 0.93):
+    """The exact inverse of `edict_step` i: unmix, then undo b's update with eps(a), then a's with eps(b)."""
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    a, b = _edict_order(*edict_unmix(x, y, mix), i)
+    b = ddim_move(b, _edict_eps(guidance, denoiser, a, sigma, sigma_next, labels, i), sigma_next, sigma)
+    a = ddim_move(a, _edict_eps(guidance, denoiser, b, sigma, sigma, labels, i), sigma_next, sigma)
+    return _edict_order(a, b, i)
+
+
+def edict_chain(denoiser, x, y, sigmas, labels=None, *, guidance: Guidance | None = None,
+                callback: Callback | None = None, mix: float = 0.93):
+    """All EDICT steps from the pair (x, y) at sigmas[0] to sigmas[-1]; returns the pair (float64)."""
+    guidance = guidance or NoGuidance()
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    guidance.begin(denoiser, sigmas, labels)
+    for i in range(len(sigmas) - 1):
+        x, y = edict_step(guidance, denoiser, x, y, sigmas, labels, i, mix)
+        if callback is not None:
+            callback({"i": i, "x": x, "y": y, "sigma": sigmas[i]})
+    return x, y
+
+
+def invert_edict(denoiser, x, y, sigmas, labels=None, *, guidance: Guidance | None = None, mix: float = 0.93):
+    """The pair at sigmas[0] that `edict_chain` takes to (x, y) at sigmas[-1]: EDICT inversion, exact up to rounding."""
+    guidance = guidance or NoGuidance()
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    guidance.begin(denoiser, sigmas, labels)
+    for i in reversed(range(len(sigmas) - 1)):
+        x, y = edict_step_inverse(guidance, denoiser, x, y, sigmas, labels, i, mix)
+    return x, y
+
+
+def _vjp(f, z: torch.Tensor, grad: torch.Tensor):
+    """(f(z) detached, grad^T df/dz): one forward with z requiring grad and its backward."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        out = f(z)
+        return out.detach(), torch.autograd.grad(out, z, grad)[0]
+
+
+def edict_vjp(denoiser, x, y, grad_x, grad_y, sigmas, labels=None, *, guidance: Guidance | None = None,
+              mix: float = 0.93):
+    """Backpropagation through `edict_chain` by inversion: from the final pair (x, y) and dL/d(x, y), the start pair
+    and dL/d(start pair).
+
+    Step by step from the last: the mixing is linear (its transpose is applied to the gradient and it is inverted
+    exactly); each inverse update b = b' - c eps(a') evaluates eps(a') with a' requiring grad, which gives both the
+    inverse and the vector-Jacobian product (c = sigma' - sigma). Only one step's graph and one pair are held, so
+    memory does not grow with the number of steps; the cost is 2 denoiser forwards and backwards per step (the
+    forward chain's activations are never stored, unlike autograd through the chain).
+    """
+    guidance = guidance or NoGuidance()
+    x, y, gx, gy = (t.to(torch.float64) for t in (x, y, grad_x, grad_y))
+    guidance.begin(denoiser, sigmas, labels)
+    for i in reversed(range(len(sigmas) - 1)):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        c = sigma_next - sigma
+        gx_total = gx + (1 - mix) * gy  # transpose of edict_mix: y'' reads x''
+        gx, gy = mix * gx_total, mix * gy + (1 - mix) * gx_total
+        x, y = edict_unmix(x, y, mix)
+        (a, b), (ga, gb) = _edict_order(x, y, i), _edict_order(gx, gy, i)
+        eps_a, vjp_a = _vjp(lambda z: _edict_eps(guidance, denoiser, z, sigma, sigma_next, labels, i), a, c * gb)
+        b, ga = ddim_move(b, eps_a, sigma_next, sigma), ga + vjp_a
+        eps_b, vjp_b = _vjp(lambda z: _edict_eps(guidance, denoiser, z, sigma, sigma, labels, i), b, c * ga)
+        a, gb = ddim_move(a, eps_b, sigma_next, sigma), gb + vjp_b
+        (x, y), (gx, gy) = _edict_order(a, b, i), _edict_order(ga, gb, i)
+    return (x, y), (gx, gy)
+
+
+def sample_edict(denoiser, x, sigmas, labels=None, *, guidance: Guidance | None = None,
+                 rng: StackedRandomGenerator | None = None, callback: Callback | None = None,
+                 mix: float = 0.93) -> torch.Tensor:
+    """EDICT, Wallace et al. 2023 ("EDICT: Exact Diffusion Inversion via Coupled Transformations", CVPR):
+    deterministic DDIM on the coupled pair (x, y) started at (x, x), written in sigma space; returns x.
+
+    Step i (`edict_step`): a = a + (sigma' - sigma) eps(b; sigma), b = b + (sigma' - sigma) eps(a; sigma), with
+    (a, b) = (x, y) at even i and (y, x) at odd i (salesforce/DOODL's SteppingLayer; the paper updates x first
+    every step), then the mixing x'' = p x' + (1 - p) y', y'' = (1 - p) x'' + p y' (p = `mix`, 0.93). eps(z; sigma)
+    is the network's eps at the step's level on z's own array (a VP model sees the updated latent at its new
+    scale with the old timestep, as EDICT does). Every step is exactly invertible (`invert_edict`, `edict_vjp`).
+    2 denoiser evaluations per step; RNG: none. The original ends at abar_0 (its last step is the identity
+    before mixing); on guidebench's schedules the last step goes to sigma = 0.
+    """
+    return edict_chain(denoiser, x, x, sigmas, labels, guidance=guidance, callback=callback, mix=mix)[0]
+
+
+sample_edict.invertible = True  # DOODL backpropagates through it by inversion (edict_vjp)

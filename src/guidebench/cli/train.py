@@ -23,9 +23,10 @@ def _trainers() -> dict[str, Callable[[dict, dict], tuple[torch.nn.Module, dict]
     from guidebench.training.classifiers import train_clean_classifier, train_noisy_classifier
     from guidebench.training.diffusion import train_diffusion
     from guidebench.training.evalnet import train_evalnet
+    from guidebench.training.ppap import train_ppap_experts
 
     return {"diffusion": train_diffusion, "noisy_classifier": train_noisy_classifier,
-            "clean_classifier": train_clean_classifier, "evalnet": train_evalnet}
+            "clean_classifier": train_clean_classifier, "evalnet": train_evalnet, "ppap_experts": train_ppap_experts}
 
 
 def train(cfg: DictConfig) -> dict:

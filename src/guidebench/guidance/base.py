@@ -27,6 +27,8 @@ class Guidance:
           mean; they pass mean_form=True to `__call__`, and a method that guides through the mean then
           returns the unguided prediction there.
     `check(denoiser, solver)` raises a clear error before sampling if the method cannot run.
+    `solve(solver, denoiser, x, sigmas, labels, rng)` is the whole trajectory (default: the solver with this
+    method in its steps); a method that optimises around the solver (DOODL) overrides it.
     `scale` is the method's strength (for CFG in the EDM/DiT convention, 1 = unguided).
     """
 
@@ -50,6 +52,15 @@ class Guidance:
 
         `rng` is the solver's per-sample generator: a method that draws noise (a re-noising recurrence,
         a Monte-Carlo estimate) draws it there, so each sample's stream depends on its seed only."""
+
+    def solve(self, solver, denoiser, x: torch.Tensor, sigmas: torch.Tensor, labels: torch.Tensor | None,
+              rng: StackedRandomGenerator | None = None) -> torch.Tensor:
+        """The whole trajectory from x at sigmas[0] (sigma space, float64); `generate` calls it once per batch.
+
+        Default: the solver, driving this method through the per-step calls. A method that works around the
+        solver rather than inside its steps (DOODL optimises the start x through an invertible solver) overrides
+        it; it must draw any noise from `rng` and run every denoiser forward through `denoiser` (counted)."""
+        return solver(denoiser, x, sigmas, labels, guidance=self, rng=rng)
 
     def displace(self, denoiser, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
                  step: int | None = None) -> torch.Tensor:
