@@ -12,8 +12,6 @@ each variant's time relative to unguided sampling (same solver) and to plain cla
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from guidebench.backbones.digits import load_denoiser
@@ -24,16 +22,11 @@ from guidebench.guidance import (AdaptiveProjectedGuidance, AutoGuidance, Classi
 from guidebench.rng import StackedRandomGenerator
 from guidebench.samplers import sample_ddim, sample_ddpm
 from guidebench.schedules import sigmas_respaced
-from timing import interleaved
+from timing import benchmark_args, interleaved
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = benchmark_args(__doc__)
     ckpt, dev = REPO_ROOT / "checkpoints" / "digits", args.device
     den = load_denoiser(ckpt / "diffusion.pt", conditional=False).to(dev).eval()
     cond = load_denoiser(ckpt / "diffusion.pt").to(dev).eval()

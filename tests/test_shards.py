@@ -114,7 +114,10 @@ DDIM4 = "sampler.schedule.respacing=ddim4"
     (["guidance=classifier", "guidance.scale=1", "sampler=ddpm", "sampler.schedule.respacing=4"], 4, 4),
     (["guidance=none", "sampler=heun", "sampler.schedule.num_steps=4"], 7, 0),  # Heun: 2N - 1
     (["guidance=autoguidance", DDIM4], 8, 0),                         # the main model and the guide model
-], ids=["none", "cfg", "classifier", "classifier-ddpm", "heun", "autoguidance"])
+    (["guidance=dps", "classifier=digits_clean", DDIM4], 8, 4),       # a forward with grad counts 2
+    (["guidance=freedom", "classifier=digits_clean", DDIM4], 16, 8),  # N_recur = 2 rounds of each step
+    (["guidance=mpgd", "classifier=digits_clean", DDIM4], 4, 4),      # x0-space step: no backprop through D
+], ids=["none", "cfg", "classifier", "classifier-ddpm", "heun", "autoguidance", "dps", "freedom", "mpgd"])
 def test_nfe_is_counted_per_sample(compose_cfg, overrides, nfe, classifier_nfe):
     import hydra
 

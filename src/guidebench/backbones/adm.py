@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from guidebench.backbones.attention import AttentionPerturbation, PerturbableAttention, attend
 from guidebench.checkpoints import CheckpointError, load_state_dict_checked, load_torch_file, require_file
 from guidebench.denoisers.discrete_vp import DiscreteVPDenoiser, betas_for_schedule
 
@@ -82,11 +83,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim % 2))
 
 
-def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy: bool, queries: int | None = None) -> torch.Tensor:
+def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy: bool, queries: int | None = None,
+                  perturbation: AttentionPerturbation | None = None, grid: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """Multi-head softmax attention on a fused [B, 3 H C, T] projection -> [B, H C, T].
 
     legacy: channels ordered (head, q/k/v, C) (ADM's QKVAttentionLegacy); else (q/k/v, head, C)
     (QKVAttention, `use_new_attention_order`). `queries`: attend only for the first n positions.
+    perturbation, grid: PAG/SEG's perturbation of the map over the h x w positions (`attention.attend`).
     """
     b, width, length = qkv.shape
     ch = width // (3 * num_heads)
@@ -94,12 +97,13 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy: bool, queries: int 
     q, k, v = qkv.reshape(shape).unbind(2 if legacy else 1)  # each [B, H, C, T]
     if queries is not None:
         q = q[..., :queries]
-    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    out = attend(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2), perturbation, grid)
     return out.transpose(-1, -2).reshape(b, num_heads * ch, -1)
 
 
-class AttentionBlock(nn.Module):
-    """Self-attention over all positions with a residual connection (ADM sec. 3, "attention heads")."""
+class AttentionBlock(PerturbableAttention):
+    """Self-attention over all positions with a residual connection (ADM sec. 3, "attention heads");
+    PAG/SEG perturb it by its module path (`backbones.attention`)."""
 
     def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1, legacy: bool = True):
         super().__init__()
@@ -117,7 +121,8 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
-        h = self.proj_out(qkv_attention(self.qkv(self.norm(x)), self.num_heads, self.legacy))
+        h = self.proj_out(qkv_attention(self.qkv(self.norm(x)), self.num_heads, self.legacy,
+                                        perturbation=self.perturbation, grid=tuple(spatial)))
         return (x + h).reshape(b, c, *spatial)
 
 

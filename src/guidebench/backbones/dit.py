@@ -26,6 +26,7 @@ import torch
 from timm.layers import Attention, Mlp, PatchEmbed
 from torch import nn
 
+from guidebench.backbones.attention import PerturbableAttention, attend
 from guidebench.checkpoints import CheckpointError, load_state_dict_checked, load_torch_file
 from guidebench.denoisers.discrete_vp import DiscreteVPDenoiser, betas_for_schedule
 
@@ -106,13 +107,26 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+class SelfAttention(PerturbableAttention, Attention):
+    """timm's Attention (DiT's), unchanged while unperturbed; PAG/SEG perturb its map over the token grid."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.perturbation is None:
+            return super().forward(x, attn_mask)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        g = math.isqrt(n)
+        x = attend(self.q_norm(q), self.k_norm(k), v, self.perturbation, (g, g))  # [B, H, T, C]
+        return self.proj_drop(self.proj(self.norm(x.transpose(1, 2).reshape(b, n, -1))))
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero block: x += g1 Attn(mod(LN(x))), x += g2 MLP(mod(LN(x))), (shift, scale, gate) x 2 from c."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.attn = SelfAttention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
