@@ -2,9 +2,10 @@
 
 A miniature of ADM (Dhariwal & Nichol 2021): residual blocks whose GroupNorm is modulated by the
 timestep + class embedding (AdaGN, "scale-shift norm", sec. 3), one 2x downsampling (8x8 -> 4x4),
-skip connections, an eps-prediction head (Ho et al. 2020, eq. 14) and the cosine schedule with
-T = 1000 (Nichol & Dhariwal 2021, eq. 17). The class embedding has num_classes + 1 rows: the last is
-the null label of classifier-free guidance (Ho & Salimans 2022), trained by label dropout.
+skip connections, optionally ADM's self-attention block between the two 4x4 middle blocks (as in its
+`middle_block`; what PAG/SEG perturb on digits), an eps-prediction head (Ho et al. 2020, eq. 14) and the
+cosine schedule with T = 1000 (Nichol & Dhariwal 2021, eq. 17). The class embedding has num_classes + 1
+rows: the last is the null label of classifier-free guidance (Ho & Salimans 2022), trained by label dropout.
 Trained by `guidebench-train task=diffusion` (guidebench.training.diffusion).
 """
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from guidebench.backbones.adm import AttentionBlock
 from guidebench.denoisers.discrete_vp import DiscreteVPDenoiser, betas_for_schedule
 from guidebench.training.checkpoint import load_trained
 
@@ -63,10 +65,12 @@ class DigitsUNet(nn.Module):
     """net(x_t, t, y) -> eps for 8x8 images: 8x8 blocks, 4x4 blocks, back up with skip connections.
 
     y: [B] int64 in 0..num_classes (num_classes = null label) or None (all null).
+    attention_heads: heads of the self-attention block `mid_attn` between the two middle blocks (0: none,
+    the layout of checkpoints saved without this key).
     """
 
     def __init__(self, in_channels: int = 1, channels: int = 64, channel_mult: int = 2, num_res_blocks: int = 2,
-                 emb_dim: int = 256, num_classes: int = 10, dropout: float = 0.0):
+                 emb_dim: int = 256, num_classes: int = 10, dropout: float = 0.0, attention_heads: int = 0):
         super().__init__()
         self.num_classes = num_classes
         self.channels = channels
@@ -87,6 +91,8 @@ class DigitsUNet(nn.Module):
         self.conv_out = nn.Conv2d(c1, in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        # built last, so that the seeded initial weights of every other layer are those of the model without it
+        self.mid_attn = AttentionBlock(c2, attention_heads) if attention_heads else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is None:
@@ -98,9 +104,10 @@ class DigitsUNet(nn.Module):
         h4 = self.downsample(h8)
         for block in self.down4:
             h4 = block(h4, emb)
-        h = h4
-        for block in self.mid:
-            h = block(h, emb)
+        h = self.mid[0](h4, emb)
+        if self.mid_attn is not None:
+            h = self.mid_attn(h)
+        h = self.mid[1](h, emb)
         h = torch.cat([h, h4], dim=1)
         for block in self.up4:
             h = block(h, emb)
