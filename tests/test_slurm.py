@@ -1,9 +1,11 @@
-"""A sweep submitted to a real (single-node, local) Slurm cluster as an array job."""
+"""guidebench on a real (single-node, local) Slurm cluster: a sweep as one array job, guidebench-submit's sampling
+array + dependent evaluation, and a task that requeues itself on SIGUSR1."""
 
 import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,82 @@ def test_sweep_runs_as_a_slurm_array(slurm_cluster, tmp_path):
     scales = sorted(json.loads(p.read_text())["fingerprint"]["scale"] for p in sweep.rglob("run.json"))
     assert scales == [1.0, 3.0]
     assert all((p.parent / "metrics.json").is_file() for p in sweep.rglob("run.json"))
+
+
+SUBMIT = ["--gpus", "0", "--cpus", "1", "--mem", "2G", "--"]
+RUN = ["backbone=digits", "guidance=cfg", "guidance.scale=2", "sampling.num_samples=48", "sampling.shard_size=8",
+       "sampling.batch_size=4", "sampler.schedule.respacing=ddim10"]
+
+
+def wait_for(jobs, timeout=900, every=2):
+    """Until none of `jobs` is queued; fail with the reason if a dependency can no longer be met."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-o", "%i %r", "-j", ",".join(jobs)], capture_output=True,
+                                text=True).stdout.split("\n")
+        queued = [line for line in queued if line.strip()]
+        if not queued:
+            return
+        assert not any("DependencyNeverSatisfied" in line for line in queued), queued
+        time.sleep(every)
+    raise AssertionError(f"jobs {jobs} still queued after {timeout} s")
+
+
+def submit(tmp_path, out, *args):
+    from guidebench.cli.submit import submit as submit_jobs
+
+    return submit_jobs([*args, "--out", str(out), *SUBMIT, *RUN, f"evaluation.cache_dir={tmp_path / 'cache'}"])
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """The same configuration sampled and scored on this machine, without Slurm."""
+    tmp = tmp_path_factory.mktemp("local")
+    cli("guidebench-run", *RUN, f"hydra.run.dir={tmp / 'run'}", f"evaluation.cache_dir={tmp / 'cache'}", cwd=tmp)
+    return tmp / "run"
+
+
+def shard_bytes(run):
+    return {p.name: p.read_bytes() for p in sorted((run / "shards").glob("shard-*.npz"))}
+
+
+@pytest.mark.slurm
+def test_submit_samples_as_an_array_then_evaluates_after_it(slurm_cluster, local_run, tmp_path):
+    jobs = submit(tmp_path, tmp_path / "run", "--tasks", "3")
+    script = subprocess.run(["scontrol", "show", "job", jobs["evaluate_job"]], capture_output=True, text=True).stdout
+    assert f"Dependency=afterok:{jobs['sample_job']}" in script  # queued behind the whole array
+    wait_for([jobs["sample_job"], jobs["evaluate_job"]])
+    run = tmp_path / "run"
+    logs = sorted(p.name for p in (run / "slurm").glob("sample-*.out"))
+    assert logs == [f"sample-{jobs['sample_job']}_{i}.out" for i in range(3)]
+    assert shard_bytes(run) == shard_bytes(local_run)  # 6 shards, 2 per task, the same bytes
+    ours, theirs = (json.loads((r / "metrics.json").read_text()) for r in (run, local_run))
+    assert {k: ours[k] for k in ("fid", "precision", "recall", "accuracy", "num_samples", "complete")} == \
+        {k: theirs[k] for k in ("fid", "precision", "recall", "accuracy", "num_samples", "complete")}
+    assert (run / "summary.csv").is_file() and (run / "grid.png").is_file()
+
+
+@pytest.mark.slurm
+def test_a_task_signalled_before_its_time_limit_requeues_and_completes_the_same_bytes(slurm_cluster, local_run,
+                                                                                      tmp_path):
+    run = tmp_path / "run"
+    jobs = submit(tmp_path, run, "--tasks", "1")
+    task = f"{jobs['sample_job']}_0"
+    deadline = time.time() + 600
+    while not list((run / "shards").glob("shard-*.npz")) if (run / "shards").is_dir() else True:
+        assert time.time() < deadline, "no shard was written"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", task], check=True)  # what --signal=USR1@120 sends
+    deadline = time.time() + 300  # the task stops at its next batch
+    requeued = ("Restarts=1", "JobState=PENDING")
+    while not all(k in (state := subprocess.run(["scontrol", "show", "job", task], capture_output=True,
+                                                text=True).stdout) for k in requeued) and time.time() < deadline:
+        time.sleep(0.2)
+    assert all(k in state for k in requeued), state  # requeued by the task itself
+    subprocess.run(["scontrol", "update", f"jobid={task}", "StartTime=now"], check=True)  # skip Slurm's requeue delay
+    wait_for([jobs["sample_job"], jobs["evaluate_job"]])
+    log = (run / "slurm" / f"sample-{task}.out").read_text()
+    assert "SIGUSR1: requeue of job" in log and "(restart 1)" in log
+    assert shard_bytes(run) == shard_bytes(local_run)
+    assert json.loads((run / "metrics.json").read_text())["fid"] == \
+        json.loads((local_run / "metrics.json").read_text())["fid"]

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from guidebench.classifiers.decoded import DecodedClassifier
 from guidebench.generate import generate
+from guidebench.preemption import Preempted, Preemption
 from guidebench.shards import ShardWriter, export_npz, shard_bounds
 
 
@@ -78,12 +79,28 @@ def fingerprint(cfg: DictConfig) -> dict:
     }
 
 
+def assigned_shards(num_shards: int, shard_range=None, task: int = 0, tasks: int = 1, process: int = 0,
+                    processes: int = 1) -> list[int]:
+    """The shards one process samples: those of `shard_range` [a, b) (all without one), cut into `tasks`
+    contiguous parts of which this is part `task` (a SLURM array task), dealt round-robin to the processes."""
+    a, b = (0, num_shards) if shard_range is None else (int(shard_range[0]), int(shard_range[1]))
+    if not 0 <= a < b <= num_shards:
+        raise ValueError(f"sampling.shard_range=[{a}, {b}) must lie within the run's {num_shards} shards [0, {num_shards})")
+    if not 0 <= task < tasks:
+        raise ValueError(f"sampling.task={task} must be in 0..sampling.tasks - 1 = {tasks - 1}")
+    per_task = -(-(b - a) // tasks)
+    mine = range(a + task * per_task, min(b, a + (task + 1) * per_task))
+    return list(mine[process::processes])
+
+
 def sample(cfg: DictConfig) -> Path:
     """Write cfg.sampling.num_samples samples as shards in cfg.sampling.out_dir; return that folder.
 
     Sample i has seed `sampling.seed + i`; shard k holds samples [k S, (k + 1) S) with S =
-    `sampling.shard_size`, and process r of W writes shards r, r + W, ... Finished shards (recorded, with
-    their recorded sha256) are skipped; the main process then lists every shard in run.json, the manifest.
+    `sampling.shard_size`. Process r of W writes shards r, r + W, ... of its part (`assigned_shards`:
+    `sampling.shard_range`, `sampling.task` of `sampling.tasks`). Finished shards (recorded, with their
+    recorded sha256) are skipped; the main process then lists every finished shard in run.json, the manifest.
+    SIGTERM / SIGUSR1 stop the run between batches (`guidebench.preemption`); what is finished stays.
     """
     from accelerate import PartialState
 
@@ -96,51 +113,69 @@ def sample(cfg: DictConfig) -> Path:
     guidance.check(backbone.denoiser, solver)
     sigmas = hydra.utils.instantiate(cfg.sampler.schedule)(backbone.denoiser)
 
-    n, size, batch = int(cfg.sampling.num_samples), int(cfg.sampling.shard_size), int(cfg.sampling.batch_size)
+    n, size = int(cfg.sampling.num_samples), int(cfg.sampling.shard_size)
     writer = ShardWriter(out_dir, fingerprint(cfg), num_samples=n, shard_size=size)
     if state.is_main_process:
         writer.prepare(overwrite=bool(cfg.sampling.overwrite), overrides=sample_overrides())
     state.wait_for_everyone()
-    my_shards = [k for k in range(writer.num_shards)[state.process_index::state.num_processes] if not writer.done(k)]
+    part = assigned_shards(writer.num_shards, cfg.sampling.shard_range, int(cfg.sampling.task), int(cfg.sampling.tasks),
+                           state.process_index, state.num_processes)
+    my_shards = [k for k in part if not writer.done(k)]
     todo = sum(min(size, n - k * size) for k in my_shards)
-    name = device_name(device)
-    with tqdm(total=todo, desc=f"sampling {cfg.tags.backbone}/{cfg.tags.guidance}", unit="img",
-              disable=not state.is_main_process) as bar:
-        for k in my_shards:
-            started = time.perf_counter()
-            indices = np.arange(*shard_bounds(k, n, size))
-            parts = []
-            for start in range(0, len(indices), batch):
-                idx = indices[start:start + batch]
-                out = generate(backbone.denoiser, solver, sigmas, (cfg.sampling.seed + idx).tolist(),
-                               num_classes=backbone.num_classes, guidance=guidance, decoder=backbone.decoder,
-                               device=device, uint8_rule=backbone.uint8_rule)
-                parts.append((out, idx))
-                bar.update(len(idx))
-            cost = {key: sum(o[key] * len(i) for o, i in parts) / len(indices) for key in ("nfe", "classifier_nfe")}
-            writer.write(
-                k,
-                images=np.concatenate([o["images"] for o, _ in parts]),
-                labels=np.concatenate([o["labels"] for o, _ in parts]),
-                indices=np.concatenate([i[o["kept"]] for o, i in parts]),
-                seeds=np.concatenate([cfg.sampling.seed + i[o["kept"]] for o, i in parts]),
-                nonfinite=np.concatenate([i[o["nonfinite"]] for o, i in parts]),
-                cost={**cost, "seconds": round(time.perf_counter() - started, 3), "device": name},
-            )
+    try:
+        with Preemption() as stop, tqdm(total=todo, desc=f"sampling {cfg.tags.backbone}/{cfg.tags.guidance}",
+                                        unit="img", disable=not state.is_main_process) as bar:
+            for k in my_shards:
+                sample_shard(cfg, writer, k, backbone, guidance, solver, sigmas, device,
+                             before_batch=stop.check, after_batch=bar.update,
+                             process=(state.process_index, state.num_processes))
+    except Preempted:  # list what is finished, then stop
+        writer.merge()
+        raise
     state.wait_for_everyone()
     if state.is_main_process:
         finish(cfg, writer)
     return out_dir
 
 
+def sample_shard(cfg: DictConfig, writer: ShardWriter, k: int, backbone: Backbone, guidance, solver,
+                 sigmas: torch.Tensor, device, before_batch=lambda: None, after_batch=lambda n: None,
+                 process: tuple[int, int] = (0, 1)) -> None:
+    """Sample shard k in batches of `sampling.batch_size` and write it with its cost (NFE, seconds, device) and
+    `process`, (index, count) of the process that wrote it."""
+    started = time.perf_counter()
+    indices = np.arange(*shard_bounds(k, writer.num_samples, writer.shard_size))
+    seed, batch = int(cfg.sampling.seed), int(cfg.sampling.batch_size)
+    parts = []
+    for start in range(0, len(indices), batch):
+        before_batch()
+        idx = indices[start:start + batch]
+        out = generate(backbone.denoiser, solver, sigmas, (seed + idx).tolist(), num_classes=backbone.num_classes,
+                       guidance=guidance, decoder=backbone.decoder, device=device, uint8_rule=backbone.uint8_rule)
+        parts.append((out, idx))
+        after_batch(len(idx))
+    cost = {key: sum(o[key] * len(i) for o, i in parts) / len(indices) for key in ("nfe", "classifier_nfe")}
+    writer.write(
+        k,
+        images=np.concatenate([o["images"] for o, _ in parts]),
+        labels=np.concatenate([o["labels"] for o, _ in parts]),
+        indices=np.concatenate([i[o["kept"]] for o, i in parts]),
+        seeds=np.concatenate([seed + i[o["kept"]] for o, i in parts]),
+        nonfinite=np.concatenate([i[o["nonfinite"]] for o, i in parts]),
+        cost={**cost, "seconds": round(time.perf_counter() - started, 3), "device": device_name(device),
+              "process": process[0], "processes": process[1]},
+    )
+
+
 def sample_overrides() -> list[str] | None:
     """This call's command-line overrides that guidebench-sample takes again to complete its set (all but
-    hydra.*, evaluation/metrics, sampling.out_dir and sampling.overwrite); None outside a Hydra app."""
+    hydra.*, evaluation/metrics, sampling.out_dir, sampling.overwrite and the work split); None outside a Hydra app."""
     try:
         overrides = HydraConfig.get().overrides.task
     except ValueError:
         return None
-    drop = ("hydra", "evaluation", "metrics", "sampling.out_dir", "sampling.overwrite")
+    drop = ("hydra", "evaluation", "metrics", "sampling.out_dir", "sampling.overwrite", "sampling.shard_range",
+            "sampling.task", "sampling.tasks")
     keys = [o.lstrip("+~").split("=")[0].split("@")[0] for o in overrides]
     return [o for o, key in zip(overrides, keys) if not any(key == d or key.startswith(d + ".") for d in drop)]
 
