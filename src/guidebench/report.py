@@ -10,6 +10,7 @@ Over all runs, in the report's output folder:
     summary.csv       one row per run (also printed)
     tradeoff.png      FID vs IS and precision vs recall, one curve per (backbone, guidance) over its scales,
                       as in the guidance-strength sweeps of Dhariwal & Nichol 2021 and Ho & Salimans 2022
+    fid_nfe.png       FID vs NFE per sample, the same settings: quality against sampling cost
 """
 
 from __future__ import annotations
@@ -102,28 +103,37 @@ def _scale_key(row: dict[str, Any]) -> tuple:
     return (isinstance(scale, (int, float)), scale if isinstance(scale, (int, float)) else str(scale))
 
 
-def tradeoff_figure(rows: list[dict[str, Any]]) -> Figure:
-    """Two panels, FID vs IS and precision vs recall; one curve per CURVE setting, points labelled by scale."""
+def _curves(rows: list[dict[str, Any]]) -> list[tuple[str, dict, list[dict[str, Any]]]]:
+    """(label, line style, rows sorted by scale) per CURVE setting, in a fixed order and colours."""
     curves = defaultdict(list)
     for row in rows:
         curves[tuple(row.get(k) for k in CURVE)].append(row)
+    colors, markers = matplotlib.colormaps["tab20"].colors, "os^Dv"
+    return [(" / ".join(str(v) for v in key if v is not None),
+             dict(color=colors[(2 * n) % 20 + (n // 10) % 2], marker=markers[n % len(markers)]),
+             sorted(members, key=_scale_key))
+            for n, (key, members) in enumerate(sorted(curves.items(), key=lambda kv: tuple(map(str, kv[0]))))]
+
+
+def _annotate(ax, points) -> None:
+    for px, py, scale in points:
+        if scale is not None:
+            ax.annotate(f"{scale:g}" if isinstance(scale, (int, float)) else str(scale), (px, py),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+
+
+def tradeoff_figure(rows: list[dict[str, Any]]) -> Figure:
+    """Two panels, FID vs IS and precision vs recall; one curve per CURVE setting, points labelled by scale."""
     fig = Figure(figsize=(12, 6))
     panels = fig.subplots(1, 2)
-    colors, markers = matplotlib.colormaps["tab20"].colors, "os^Dv"
-    for n, (key, members) in enumerate(sorted(curves.items(), key=lambda kv: tuple(map(str, kv[0])))):
-        label = " / ".join(str(v) for v in key if v is not None)
-        style = dict(color=colors[(2 * n) % 20 + (n // 10) % 2], marker=markers[n % len(markers)])
-        members = sorted(members, key=_scale_key)
+    for label, style, members in _curves(rows):
         for ax, (x, y) in zip(panels, (("is", "fid"), ("recall", "precision"))):
             points = [(r[x], r[y], r["scale"]) for r in members if r[x] is not None and r[y] is not None]
             if not points:
                 continue
             xs, ys, scales = zip(*points)
             ax.plot(xs, ys, label=label, **style)
-            for px, py, scale in points:
-                if scale is not None:
-                    ax.annotate(f"{scale:g}" if isinstance(scale, (int, float)) else str(scale), (px, py),
-                                textcoords="offset points", xytext=(4, 4), fontsize=8)
+            _annotate(ax, points)
     panels[0].set(xlabel="Inception score", ylabel="FID", title="FID vs IS")
     panels[1].set(xlabel="recall", ylabel="precision", title="precision vs recall")
     for ax in panels:
@@ -139,6 +149,31 @@ def tradeoff_figure(rows: list[dict[str, Any]]) -> Figure:
 
 def tradeoff_plot(rows: list[dict[str, Any]], path: str | Path) -> Path:
     tradeoff_figure(rows).savefig(path, dpi=120)
+    return Path(path)
+
+
+def nfe_figure(rows: list[dict[str, Any]]) -> Figure:
+    """FID vs NFE per sample (the quality a method buys with network evaluations, each batched CFG forward and
+    each backward counted, see run.json): one marker series per CURVE setting, points labelled by scale."""
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    for label, style, members in _curves(rows):
+        points = sorted(((r["nfe"], r["fid"], r["scale"]) for r in members if r["nfe"] is not None and r["fid"] is not None),
+                        key=lambda p: p[:2])
+        if points:
+            nfes, fids, _ = zip(*points)
+            ax.plot(nfes, fids, label=label, linestyle="none", **style)
+            _annotate(ax, points)
+    ax.set(xlabel="NFE per sample", ylabel="FID", title="FID vs NFE")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def nfe_plot(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    nfe_figure(rows).savefig(path, dpi=120)
     return Path(path)
 
 
@@ -178,6 +213,7 @@ def report(runs: Iterable[str | Path] = (), root: str | Path | None = None, out_
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "summary.csv")
     tradeoff_plot(rows, out_dir / "tradeoff.png")
+    nfe_plot(rows, out_dir / "fid_nfe.png")
     print(format_table(rows))
     if root is not None and (Path(root) / "optimization_results.yaml").is_file():
         best = search_result(root)

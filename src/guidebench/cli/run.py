@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
@@ -23,7 +21,7 @@ def run(cfg: DictConfig) -> dict:
     row = write_run_report(run_dir)
     print(format_table([row]))
     for logger in build_loggers(cfg.get("logger")):
-        logger.log_run(cfg, Path(run_dir).name, row, [Path(run_dir) / "grid.png"])
+        logger.log_run(cfg, run_dir, row)
     return metrics
 
 
