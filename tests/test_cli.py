@@ -128,32 +128,26 @@ def test_unknown_backbone_lists_choices(tmp_path):
 
 
 def test_two_processes_write_the_same_shards_as_one(tmp_path):
-    """Accelerate: process r of W writes shards r, r + W, ...; the samples do not change with W."""
+    """`accelerate launch --multi_gpu` (gloo on CPU with sampling.device=cpu; `--cpu --num_processes 2` would
+    start one process): process r of 2 writes shards r, r + 2, ..., byte-identical to one process."""
+    import socket
+
     common = ["backbone=digits", "guidance=cfg", "sampling.num_samples=48", "sampling.shard_size=12",
               "sampling.device=cpu", "sampler.schedule.respacing=ddim10"]
     cli("guidebench-sample", *common, f"sampling.out_dir={tmp_path / 'one'}", f"hydra.run.dir={tmp_path / 'h1'}",
         cwd=tmp_path)
-    subprocess.run([str(BIN / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "guidebench.cli.sample", *common,
-                    f"sampling.out_dir={tmp_path / 'two'}", f"sampling.batch_size=5", f"hydra.run.dir={tmp_path / 'h2'}"],
-                   cwd=tmp_path, env=ENV, check=True, capture_output=True, timeout=900)
+    with socket.socket() as s:  # a free port for the rendezvous, not the default 29500 other runs may hold
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "-m", "guidebench.cli.sample", *common, f"sampling.out_dir={tmp_path / 'two'}",
+                    "sampling.batch_size=5", f"hydra.run.dir={tmp_path / 'h2'}"],
+                   cwd=tmp_path, env={**ENV, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, timeout=900)
     one, two = list_shards(tmp_path / "one"), list_shards(tmp_path / "two")
     assert [p.name for p in one] == [p.name for p in two] and len(one) == 4
-    for a, b in zip(one, two):
-        a, b = read_shard(a), read_shard(b)
-        assert np.array_equal(a["indices"], b["indices"]) and np.array_equal(a["arr_1"], b["arr_1"])
-        assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # batch 250 vs 5: float noise
-
-
-def test_wandb_logs_offline_into_the_run_folder(tmp_path):
-    run = tmp_path / "run"
-    cli("guidebench-run", "backbone=digits", "logger=wandb", "sampling.num_samples=32", f"hydra.run.dir={run}",
-        "sampler.schedule.respacing=ddim10", f"evaluation.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
-    (offline,) = (run / "wandb").glob("offline-run-*")
-    (log,) = offline.glob("*.wandb")  # the run's record, for `wandb sync` later
-    record = log.read_bytes()
-    assert b"num_samples" in record and b"fid" in record and b"accuracy" in record  # config and metrics
-    assert any((offline / "files" / "media" / "images").glob("grid_*.png"))
+    assert [json.loads(p.with_suffix(".json").read_text())["process"] for p in two] == [0, 1, 0, 1]
+    assert [p.read_bytes() for p in one] == [p.read_bytes() for p in two]  # batch 250 vs 5 too
 
 
 def test_optuna_search_minimises_fid_and_the_report_names_the_best_trial(tmp_path):
