@@ -71,8 +71,8 @@ def start_and_interrupt(run, tmp_path, signum):
         time.sleep(0.05)
     time.sleep(0.3)  # mid-way through the next shard
     os.kill(proc.pid, signum)
-    _, err = proc.communicate(timeout=300)
-    return proc.returncode, err
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGKILL], ids=["TERM", "USR1", "KILL"])

@@ -4,7 +4,8 @@ SLURM sends SIGTERM when it preempts or cancels a job, and the signal asked for 
 before the time limit. `Preemption` turns either into a request that the sampling loop honours between batches:
 the shard being sampled is abandoned (only finished shards exist, each written atomically), and the process
 exits with 128 + the signal's number. On SIGUSR1 inside a SLURM job it first requeues the job
-(`scontrol requeue`), so the job starts again and, finding its finished shards, samples only the rest.
+(`scontrol requeue`) and waits for SLURM to stop it, so the job starts again and, finding its finished shards,
+samples only the rest.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import logging
 import os
 import signal
 import subprocess
+import time
 
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+REQUEUE_WAIT = 120  # seconds to wait, after asking for a requeue, for SLURM to stop this job itself
 
 
 class Preempted(SystemExit):
@@ -53,10 +56,12 @@ class Preemption:
             return
         name = signal.Signals(self.signum).name
         job = slurm_job_id()
+        log.warning("%s: the shard in progress is abandoned; finished shards are kept and a rerun samples the rest",
+                    name)
         if self.signum == signal.SIGUSR1 and job:
             requeued = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             log.warning("%s: requeue of job %s %s", name, job,
                         "asked" if requeued.returncode == 0 else f"failed: {requeued.stderr.strip()}")
-        log.warning("%s: the shard in progress is abandoned; finished shards are kept and a rerun samples the rest",
-                    name)
+            if requeued.returncode == 0:  # let SLURM end the job as its requeue does: an exit of our own races with
+                time.sleep(REQUEUE_WAIT)  # it and can fail the job's afterok dependents for good
         raise Preempted(128 + self.signum)
