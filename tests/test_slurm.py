@@ -121,3 +121,15 @@ def test_a_task_signalled_before_its_time_limit_requeues_and_completes_the_same_
     assert shard_bytes(run) == shard_bytes(local_run)
     assert json.loads((run / "metrics.json").read_text())["fid"] == \
         json.loads((local_run / "metrics.json").read_text())["fid"]
+
+
+def test_submit_refuses_bad_overrides_before_queueing_anything(tmp_path, capsys):
+    from guidebench.cli.submit import submit as submit_jobs
+
+    for args, error in [(["--", "guidance=nope"], "do not compose"), (["--", "logger=wandb"], "do not log to W&B"),
+                        (["--tasks", "9", "--", "sampling.num_samples=48", "sampling.shard_size=8"],
+                         "exceeds the run's 6 shards")]:
+        with pytest.raises(SystemExit):
+            submit_jobs(["--dry-run", "--out", str(tmp_path / "run"), *args])
+        assert error in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -80,6 +80,9 @@ def submit(argv: list[str] | None = None) -> dict:
     if args.tasks < 1 or args.gpus < 0:
         parser.error("--tasks must be >= 1 and --gpus >= 0")
 
+    if any(o.lstrip("+~").startswith("logger") for o in args.overrides):
+        parser.error("the sampling array and the evaluation job do not log to W&B; drop logger=..., and log the "
+                     "finished run with: guidebench-report report.runs=[RUN] logger=wandb")
     sample_overrides, evaluation_overrides = split_overrides(args.overrides)
     try:
         cfg = resolve(args.overrides)
