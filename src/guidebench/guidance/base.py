@@ -8,9 +8,15 @@ from guidebench.denoisers.base import Denoised
 from guidebench.rng import StackedRandomGenerator
 
 
+def solver_trait(solver, name: str, default=None):
+    """An attribute a solver function carries (`guidance_form`, `supports_renoise`, `invertible`, `__name__`),
+    also through the functools.partial a config makes of it."""
+    return getattr(getattr(solver, "func", solver), name, default)
+
+
 def solver_form(solver) -> str:
     """'mean' for solvers that add `Guidance.mean_shift` to a posterior mean (DDPM), else 'score'."""
-    return getattr(getattr(solver, "func", solver), "guidance_form", "score")
+    return solver_trait(solver, "guidance_form", "score")
 
 
 class Guidance:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from guidebench.guidance.base import solver_trait
 from guidebench.guidance.cfg import ClassifierFreeGuidance
 
 
@@ -28,7 +29,7 @@ class CFGPlusPlus(ClassifierFreeGuidance):
 
     def check(self, denoiser, solver=None) -> None:
         super().check(denoiser, solver)
-        if solver is not None and not getattr(getattr(solver, "func", solver), "supports_renoise", False):
+        if solver is not None and not solver_trait(solver, "supports_renoise", False):
             raise ValueError("guidance=cfgpp re-noises with the unconditional estimate: use sampler=ddim "
                              "(DDPM's mean form and Heun's correction have no CFG++ form)")
 

@@ -27,6 +27,12 @@ def classifier_log_prob_grad(classifier, x: torch.Tensor, sigma: torch.Tensor, l
     return classifier_log_prob_and_grad(classifier, x, sigma, labels)[0]
 
 
+def classifier_device(classifier) -> torch.device:
+    """Where the classifier's parameters live (CPU for a parameter-free one): the device of a probe batch."""
+    params = next(iter(classifier.parameters()), None) if hasattr(classifier, "parameters") else None
+    return params.device if params is not None else torch.device("cpu")
+
+
 def check_classifier(classifier, denoiser, method: str) -> None:
     """Refuse a classifier that is missing, or does not take the backbone's samples or label space.
 
@@ -36,8 +42,7 @@ def check_classifier(classifier, denoiser, method: str) -> None:
     if classifier is None:
         raise ValueError(f"guidance={method} needs a classifier (set classifier=NAME)")
     c, r = denoiser.img_channels, denoiser.img_resolution
-    params = next(iter(classifier.parameters()), None) if hasattr(classifier, "parameters") else None
-    probe = torch.zeros(1, c, r, r, device=params.device if params is not None else "cpu")
+    probe = torch.zeros(1, c, r, r, device=classifier_device(classifier))
     try:
         with torch.no_grad():
             logits = classifier(probe, torch.ones(1, dtype=torch.float64, device=probe.device))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from guidebench.generate import start_scale
-from guidebench.guidance.base import Guidance
+from guidebench.guidance.base import Guidance, solver_trait
 from guidebench.guidance.classifier import check_classifier
 from guidebench.samplers import edict_chain, edict_vjp
 
@@ -74,8 +74,8 @@ class DOODLGuidance(Guidance):
             raise ValueError(f"guidance.num_iterations must be >= 0, got {num_iterations}")
 
     def check(self, denoiser, solver=None) -> None:
-        if solver is not None and not getattr(getattr(solver, "func", solver), "invertible", False):
-            name = getattr(getattr(solver, "func", solver), "__name__", type(solver).__name__)
+        if solver is not None and not solver_trait(solver, "invertible", False):
+            name = solver_trait(solver, "__name__", type(solver).__name__)
             raise ValueError(f"guidance=doodl backpropagates through the whole sampler by inverting it, and {name} is "
                              "stochastic or not exactly invertible: use sampler=edict")
         check_classifier(self.classifier, denoiser, self.name)

@@ -42,7 +42,7 @@ import torch
 
 from guidebench.denoisers.base import Denoised
 from guidebench.guidance.base import Guidance
-from guidebench.guidance.classifier import check_classifier
+from guidebench.guidance.classifier import check_classifier, classifier_device
 
 SCHEDULES = ("increase", "decrease", "constant")
 
@@ -176,8 +176,7 @@ def check_differentiable(classifier, denoiser, method: str) -> None:
     """Refuse a predictor through which no gradient reaches its input: one probe backward of log p(y = 0 | x) at a
     fixed random batch must give a finite, nonzero gradient."""
     c, r = denoiser.img_channels, denoiser.img_resolution
-    params = next(iter(classifier.parameters()), None) if hasattr(classifier, "parameters") else None
-    device = params.device if params is not None else "cpu"
+    device = classifier_device(classifier)
     probe = torch.randn(2, c, r, r, generator=torch.Generator().manual_seed(0)).to(device).requires_grad_(True)
     fix = ("; choose a differentiable classifier (e.g. classifier=digits_clean on digits), not one that detaches, "
            "rounds or runs its forward under no_grad")
