@@ -123,10 +123,22 @@ def test_a_task_signalled_before_its_time_limit_requeues_and_completes_the_same_
         json.loads((local_run / "metrics.json").read_text())["fid"]
 
 
+def test_logger_and_evaluation_overrides_go_to_the_evaluation_job_only(tmp_path, capsys):
+    from guidebench.cli.submit import submit as submit_jobs
+
+    submit_jobs(["--dry-run", "--tasks", "2", "--out", str(tmp_path / "run"), "--", "guidance=cfg", "sampling.shard_size=500", "logger=wandb",
+                 "logger.wandb.group=g", "evaluation.batch_size=50"])
+    sample_call, evaluate_call = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ sbatch")]
+    assert "sample.sbatch" in sample_call and "guidance=cfg" in sample_call
+    assert not any(arg.startswith(("logger", "evaluation.")) for arg in sample_call.split())
+    assert "evaluate.sbatch" in evaluate_call and "logger=wandb" in evaluate_call
+    assert "logger.wandb.group=g" in evaluate_call and "evaluation.batch_size=50" in evaluate_call
+
+
 def test_submit_refuses_bad_overrides_before_queueing_anything(tmp_path, capsys):
     from guidebench.cli.submit import submit as submit_jobs
 
-    for args, error in [(["--", "guidance=nope"], "do not compose"), (["--", "logger=wandb"], "do not log to W&B"),
+    for args, error in [(["--", "guidance=nope"], "do not compose"),
                         (["--tasks", "9", "--", "sampling.num_samples=48", "sampling.shard_size=8"],
                          "exceeds the run's 6 shards")]:
         with pytest.raises(SystemExit):

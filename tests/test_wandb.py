@@ -1,5 +1,5 @@
-"""W&B offline runs read back from their files: one run per setting grouped by the sweep, and the report's
-summary run with the table of all settings and the trade-off plots."""
+"""W&B offline runs read back from their files: a sample and an evaluate run per setting grouped by the sweep,
+and the report's summary run with the table of all settings and the trade-off plots."""
 
 import csv
 import json
@@ -15,18 +15,24 @@ from PIL import Image
 from guidebench.cli.report import main as report_main
 from guidebench.cli.run import run
 from guidebench.loggers import FILTER_KEYS, num_steps
-from guidebench.report import COLUMNS, METRICS, nfe_figure
+from guidebench.report import COLUMNS, METRICS, nfe_figure, write_grid
 from guidebench.schedules import space_timesteps
 from tests.test_cli import cli
 
 
-def read_wandb(folder: Path) -> dict:
-    """The one offline run under folder/wandb: its run record (config, group, job_type) and final summary, parsed
-    from the .wandb file (LevelDB log format: 32 KiB blocks of [crc32c u32, length u16, type u8] chunks after a
-    7-byte W&B header; type 1 full, 2 first, 3 middle, 4 last)."""
+def read_wandb(folder: Path, job_type: str) -> dict:
+    """The one offline run of `job_type` under folder/wandb."""
+    runs = [read_offline_run(offline) for offline in sorted((folder / "wandb").glob("offline-run-*"))]
+    (run,) = [r for r in runs if r["job_type"] == job_type]
+    return run
+
+
+def read_offline_run(offline: Path) -> dict:
+    """An offline run's record (config, group, job_type) and final summary, parsed from its .wandb file (LevelDB
+    log format: 32 KiB blocks of [crc32c u32, length u16, type u8] chunks after a 7-byte W&B header; type 1 full,
+    2 first, 3 middle, 4 last)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (offline,) = (folder / "wandb").glob("offline-run-*")
     (log,) = offline.glob("*.wandb")
     data, pos, chunks, records = log.read_bytes(), 7, b"", []
     while pos + 7 <= len(data):
@@ -57,27 +63,34 @@ def media(run: dict, key: str) -> Path:
     return path
 
 
-def check_run(job: Path, group: str, respacing: str) -> None:
-    """The job's W&B run against its run.json, metrics.json and grid.png."""
-    run, manifest = read_wandb(job), json.loads((job / "run.json").read_text())
-    metrics = json.loads((job / "metrics.json").read_text())
-    assert (run["group"], run["job_type"], run["name"]) == (group, "run", job.name)
-    config, fingerprint = run["config"], manifest["fingerprint"]
-    assert {k: config[k] for k in FILTER_KEYS if k != "steps"} == {k: fingerprint[k] for k in FILTER_KEYS if k != "steps"}
-    assert config["steps"] == len(space_timesteps(1000, respacing))
-    assert config["cfg"]["sampling"]["num_samples"] == fingerprint["num_samples"]
-    assert config["cfg"]["guidance"]["scale"] == config["scale"]
-    summary = run["summary"]
-    scored = [k for k in (*METRICS, "num_samples", "nonfinite", "complete") if metrics.get(k) is not None]
-    assert "fid" in scored and {k: summary[k] for k in scored} == {k: metrics[k] for k in scored}
-    assert summary["nfe"] == manifest["nfe"] and summary["classifier_nfe"] == manifest["classifier_nfe"]
-    assert np.array_equal(np.asarray(Image.open(media(run, "grid"))), np.asarray(Image.open(job / "grid.png")))
+def check_run(job: Path, group: str, respacing: str, stages=("sample", "evaluate")) -> None:
+    """The job's W&B runs of `stages` against its run.json, metrics.json and grid.png."""
+    manifest = json.loads((job / "run.json").read_text())
+    fingerprint = manifest["fingerprint"]
+    for stage in stages:
+        run = read_wandb(job, stage)
+        assert (run["group"], run["name"]) == (group, job.name)
+        config, summary = run["config"], run["summary"]
+        assert {k: config[k] for k in FILTER_KEYS if k != "steps"} == {k: fingerprint[k] for k in FILTER_KEYS if k != "steps"}
+        assert config["steps"] == len(space_timesteps(1000, respacing))
+        assert summary["nfe"] == manifest["nfe"] and summary["classifier_nfe"] == manifest["classifier_nfe"]
+        assert np.array_equal(np.asarray(Image.open(media(run, "grid"))), np.asarray(Image.open(job / "grid.png")))
+        if stage == "sample":
+            assert config["cfg"]["sampling"]["num_samples"] == fingerprint["num_samples"]
+            assert config["cfg"]["guidance"]["scale"] == config["scale"]
+            assert (summary["written"], summary["nonfinite"], summary["complete"]) == \
+                (manifest["written"], manifest["nonfinite"], True)
+            assert not any(k in summary for k in METRICS)
+        else:
+            metrics = json.loads((job / "metrics.json").read_text())
+            scored = [k for k in (*METRICS, "num_samples", "nonfinite", "complete") if metrics.get(k) is not None]
+            assert "fid" in scored and {k: summary[k] for k in scored} == {k: metrics[k] for k in scored}
 
 
 def check_report(sweep: Path, group: str, num_runs: int) -> None:
     """The report's summary run: group, job_type, the table = summary.csv, the plots = the report's PNGs."""
-    report = read_wandb(sweep)
-    assert (report["group"], report["job_type"]) == (group, "report")
+    report = read_wandb(sweep, "report")
+    assert report["group"] == group
     table = json.loads(media(report, "settings").read_text())
     with open(sweep / "summary.csv") as f:
         rows = list(csv.DictReader(f))
@@ -103,10 +116,31 @@ def test_each_setting_logs_a_run_grouped_by_the_sweep_and_the_report_a_summary_r
             "hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}", "backbone=digits", "guidance=cfg",
             f"guidance.scale={scale}", "logger=wandb", "sampling.num_samples=16",
             f"sampler.schedule.respacing={respacing}", f"sampling.out_dir={sweep / str(n)}",
-            f"evaluation.cache_dir={tmp_path / 'cache'}"])))
+            f"evaluation.cache_dir={tmp_path / 'cache'}", *(["+paper.fid=10.0", "+paper.source=made up"] if n else [])])))
         check_run(sweep / str(n), sweep.name, respacing)
-    report_main(without_hydra_node(compose_cfg("report", [f"report.root={sweep}", "logger=wandb"])))
+    report_main(without_hydra_node(compose_cfg("report", [f"report.root={sweep}", "logger=wandb",
+                                                          "report.compare_paper=true"])))
     check_report(sweep, sweep.name, len(scales))
+    table = json.loads(media(read_wandb(sweep, "report"), "paper_comparison").read_text())
+    with open(sweep / "paper_comparison.csv") as f:
+        (row,) = list(csv.DictReader(f))  # the run without a paper block is not compared
+    assert table["columns"] == list(row) and len(table["data"]) == 1
+    assert ["" if v is None else str(v) for v in table["data"][0]] == list(row.values())
+    assert row["run"] == "1" and float(row["paper_fid"]) == 10.0
+    assert float(row["diff_fid"]) == pytest.approx(float(row["fid"]) - 10.0)
+
+
+def test_split_stages_log_a_sample_and_an_evaluate_run(tmp_path):
+    """guidebench-sample then guidebench-evaluate (what a SLURM array and its evaluation job run) log the same two
+    runs as guidebench-run."""
+    job, respacing = tmp_path / "job", "ddim5"
+    cli("guidebench-sample", "guidance=cfg", "guidance.scale=2", "logger=wandb", "logger.wandb.group=split",
+        "sampling.num_samples=16", f"sampler.schedule.respacing={respacing}", f"sampling.out_dir={job}", cwd=tmp_path)
+    assert len(list((job / "wandb").glob("offline-run-*"))) == 1
+    cli("guidebench-evaluate", f"evaluation.samples={job}", "logger=wandb", "logger.wandb.group=split",
+        f"evaluation.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    write_grid(job, job / "grid.png")  # what guidebench-report writes; the runs' grids must equal it
+    check_run(job, "split", respacing)
 
 
 @pytest.mark.slow

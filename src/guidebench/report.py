@@ -8,9 +8,15 @@ Per run folder (RUN/run.json from sampling, RUN/metrics.json from guidebench-eva
     RUN/grid.png      its first samples, nearest-neighbour upscaled
 Over all runs, in the report's output folder:
     summary.csv       one row per run (also printed)
-    tradeoff.png      FID vs IS and precision vs recall, one curve per (backbone, guidance) over its scales,
-                      as in the guidance-strength sweeps of Dhariwal & Nichol 2021 and Ho & Salimans 2022
-    fid_nfe.png       FID vs NFE per sample, the same settings: quality against sampling cost
+    tradeoff.png      FID vs IS and precision vs recall, one curve per method (backbone, guidance, classifier,
+                      sampler) and step count over its scales, as in the guidance-strength sweeps of Dhariwal &
+                      Nichol 2021 and Ho & Salimans 2022
+    fid_nfe.png       FID vs NFE per sample, one curve per method: every run as a point, the curve through the
+                      method's best FID at each NFE (over its scales): quality against sampling cost
+    paper_comparison.md, paper_comparison.csv (report.compare_paper=true)
+                      ours vs the published numbers of every run whose config has a `paper:` block, with the
+                      sample count, NFE, steps, evaluator and reference of each and flags where they differ
+                      (guidebench.paper_comparison; docs/report.md)
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ from PIL import Image
 from guidebench.evaluation.sources import ShardSource
 
 COLUMNS = ("run", "backbone", "guidance", "classifier", "sampler", "scale", "num_samples", "complete", "nonfinite",
-           "fid", "is", "precision", "recall", "kid", "accuracy", "nfe", "classifier_nfe", "sampling_seconds",
+           "fid", "is", "precision", "recall", "kid", "accuracy", "steps", "nfe", "classifier_nfe", "sampling_seconds",
            "samples_per_second")
-CURVE = ("backbone", "guidance", "classifier", "sampler")  # one trade-off curve per setting of these, over the scale
+CURVE = ("backbone", "guidance", "classifier", "sampler")  # a method: one FID-NFE curve per setting of these
+TRADEOFF_CURVE = (*CURVE, "steps")  # one trade-off curve per method and step count, over the scale
 METRICS = ("fid", "is", "precision", "recall", "kid", "accuracy")
 COST = ("nfe", "classifier_nfe", "sampling_seconds", "samples_per_second")  # from run.json
 
@@ -45,8 +52,21 @@ def find_runs(root: str | Path) -> list[Path]:
     return runs
 
 
+def schedule_steps(schedule: Any) -> int | None:
+    """Solver steps of a sampler.schedule config (guidebench.loggers.num_steps); None if it names none."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from guidebench.loggers import num_steps
+
+    try:
+        return num_steps(schedule if isinstance(schedule, DictConfig) else OmegaConf.create(schedule))
+    except Exception:  # no schedule (a foreign npz), or one without num_steps / respacing
+        return None
+
+
 def summarize(run: str | Path, name: str | None = None) -> dict[str, Any]:
-    """The summary row of one run: run.json's fingerprint and cost (if any) and metrics.json's numbers."""
+    """The summary row of one run: run.json's fingerprint and cost (if any) and metrics.json's numbers;
+    steps: the solver steps of the fingerprint's sampler.schedule."""
     run = Path(run)
     if not (run / "metrics.json").is_file():
         raise FileNotFoundError(f"{run / 'metrics.json'} not found; evaluate it first: "
@@ -58,7 +78,9 @@ def summarize(run: str | Path, name: str | None = None) -> dict[str, Any]:
             "classifier": fingerprint.get("classifier"), "sampler": fingerprint.get("sampler"),
             "scale": fingerprint.get("scale"), "num_samples": metrics.get("num_samples", fingerprint.get("num_samples")),
             "complete": metrics.get("complete"), "nonfinite": metrics.get("nonfinite"),
-            **{k: metrics.get(k) for k in METRICS}, **{k: manifest.get(k) for k in COST}}
+            **{k: metrics.get(k) for k in METRICS},
+            "steps": schedule_steps(((fingerprint.get("config") or {}).get("sampler") or {}).get("schedule")),
+            **{k: manifest.get(k) for k in COST}}
 
 
 def write_csv(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
@@ -103,13 +125,17 @@ def _scale_key(row: dict[str, Any]) -> tuple:
     return (isinstance(scale, (int, float)), scale if isinstance(scale, (int, float)) else str(scale))
 
 
-def _curves(rows: list[dict[str, Any]]) -> list[tuple[str, dict, list[dict[str, Any]]]]:
-    """(label, line style, rows sorted by scale) per CURVE setting, in a fixed order and colours."""
+def _label(key: tuple, keys: tuple[str, ...]) -> str:
+    return " / ".join(f"{v} steps" if k == "steps" else str(v) for k, v in zip(keys, key) if v is not None)
+
+
+def _curves(rows: list[dict[str, Any]], keys: tuple[str, ...] = CURVE) -> list[tuple[str, dict, list[dict[str, Any]]]]:
+    """(label, line style, rows sorted by scale) per setting of `keys`, in a fixed order and colours."""
     curves = defaultdict(list)
     for row in rows:
-        curves[tuple(row.get(k) for k in CURVE)].append(row)
+        curves[tuple(row.get(k) for k in keys)].append(row)
     colors, markers = matplotlib.colormaps["tab20"].colors, "os^Dv"
-    return [(" / ".join(str(v) for v in key if v is not None),
+    return [(_label(key, keys),
              dict(color=colors[(2 * n) % 20 + (n // 10) % 2], marker=markers[n % len(markers)]),
              sorted(members, key=_scale_key))
             for n, (key, members) in enumerate(sorted(curves.items(), key=lambda kv: tuple(map(str, kv[0]))))]
@@ -123,10 +149,12 @@ def _annotate(ax, points) -> None:
 
 
 def tradeoff_figure(rows: list[dict[str, Any]]) -> Figure:
-    """Two panels, FID vs IS and precision vs recall; one curve per CURVE setting, points labelled by scale."""
+    """Two panels, FID vs IS and precision vs recall; one curve per method and step count (TRADEOFF_CURVE) over
+    its scales, points labelled by scale. Runs of one method at other step counts are other curves: a curve
+    over the scale at mixed costs would zigzag between them."""
     fig = Figure(figsize=(12, 6))
     panels = fig.subplots(1, 2)
-    for label, style, members in _curves(rows):
+    for label, style, members in _curves(rows, TRADEOFF_CURVE):
         for ax, (x, y) in zip(panels, (("is", "fid"), ("recall", "precision"))):
             points = [(r[x], r[y], r["scale"]) for r in members if r[x] is not None and r[y] is not None]
             if not points:
@@ -154,16 +182,27 @@ def tradeoff_plot(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 def nfe_figure(rows: list[dict[str, Any]]) -> Figure:
     """FID vs NFE per sample (the quality a method buys with network evaluations, each batched CFG forward and
-    each backward counted, see run.json): one marker series per CURVE setting, points labelled by scale."""
+    each backward counted, see run.json), one curve per method (CURVE; its step counts give its NFEs): every
+    run a marker (one Line2D per method, points labelled by scale) and the method's curve through its best
+    FID at each NFE, the lower envelope over its scales (a LineCollection in the method's colour). NFE on a
+    log axis when the runs span more than a factor of 20."""
+    from matplotlib.collections import LineCollection
+
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
     for label, style, members in _curves(rows):
-        points = sorted(((r["nfe"], r["fid"], r["scale"]) for r in members if r["nfe"] is not None and r["fid"] is not None),
-                        key=lambda p: p[:2])
+        points = sorted(((r["nfe"], r["fid"], r["scale"]) for r in members
+                         if r.get("nfe") is not None and r.get("fid") is not None), key=lambda p: p[:2])
         if points:
             nfes, fids, _ = zip(*points)
             ax.plot(nfes, fids, label=label, linestyle="none", **style)
             _annotate(ax, points)
+            best = [min(p[:2] for p in points if p[0] == nfe) for nfe in sorted(set(nfes))]
+            if len(best) > 1:
+                ax.add_collection(LineCollection([best], colors=[style["color"]], label=f"_{label} (best FID per NFE)"))
+    nfes = [x for line in ax.lines for x in line.get_xdata()]
+    if nfes and min(nfes) > 0 and max(nfes) / min(nfes) > 20:
+        ax.set_xscale("log")
     ax.set(xlabel="NFE per sample", ylabel="FID", title="FID vs NFE")
     ax.grid(alpha=0.3)
     if ax.lines:
@@ -209,7 +248,8 @@ def report(runs: Iterable[str | Path] = (), root: str | Path | None = None, out_
     for run in runs:
         name = str(run.relative_to(root)) if root is not None and run != Path(root) else run.name
         rows.append(write_run_report(run, name, grid=grid, grid_size=grid_size, grid_order=grid_order))
-    rows.sort(key=lambda r: (*(str(r[k]) for k in CURVE), _scale_key(r), r["run"]))
+    rows.sort(key=lambda r: (*(str(r[k]) for k in CURVE), r["steps"] is not None, r["steps"] or 0, _scale_key(r),
+                             r["run"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "summary.csv")
     tradeoff_plot(rows, out_dir / "tradeoff.png")

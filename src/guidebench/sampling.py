@@ -16,6 +16,8 @@ from tqdm import tqdm
 
 from guidebench.classifiers.decoded import DecodedClassifier
 from guidebench.generate import generate
+from guidebench.loggers import build_loggers
+from guidebench.precision import configure_networks, set_tf32
 from guidebench.preemption import Preempted, Preemption
 from guidebench.shards import ShardWriter, export_npz, shard_bounds
 
@@ -61,7 +63,7 @@ def build_guidance(cfg: DictConfig, device: torch.device | str = "cpu", decoder=
 
 
 def fingerprint(cfg: DictConfig) -> dict:
-    """What determines the samples (not batch size, device or process count)."""
+    """What determines the samples (not batch size, device, process count or torch.compile)."""
     guidance = OmegaConf.to_container(cfg.guidance, resolve=True)
     uses_classifier = "classifier" in guidance
     return {
@@ -73,6 +75,7 @@ def fingerprint(cfg: DictConfig) -> dict:
         "num_samples": int(cfg.sampling.num_samples),
         "seed": int(cfg.sampling.seed),
         "shard_size": int(cfg.sampling.shard_size),
+        "precision": {"dtype": cfg.sampling.dtype, "tf32": bool(cfg.sampling.tf32)},
         "config": {"backbone": OmegaConf.to_container(cfg.backbone, resolve=True), "guidance": guidance,
                    "sampler": OmegaConf.to_container(cfg.sampler, resolve=True),
                    "classifier": OmegaConf.to_container(cfg.classifier, resolve=True) if uses_classifier else None},
@@ -109,6 +112,8 @@ def sample(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.sampling.out_dir)
     backbone = build_backbone(cfg.backbone, device)
     guidance = build_guidance(cfg, device, backbone.decoder)
+    set_tf32(bool(cfg.sampling.tf32))
+    configure_networks([backbone.denoiser, *vars(guidance).values()], cfg.sampling.dtype, bool(cfg.sampling.compile))
     solver = hydra.utils.instantiate(cfg.sampler.solver)
     guidance.check(backbone.denoiser, solver)
     sigmas = hydra.utils.instantiate(cfg.sampler.schedule)(backbone.denoiser)
@@ -134,7 +139,11 @@ def sample(cfg: DictConfig) -> Path:
         raise
     state.wait_for_everyone()
     if state.is_main_process:
-        finish(cfg, writer)
+        try:
+            finish(cfg, writer)
+        finally:  # the record of what was sampled, non-finite samples included
+            for logger in build_loggers(cfg.get("logger")):
+                logger.log_sample(cfg, out_dir)
     return out_dir
 
 

@@ -13,7 +13,8 @@ from guidebench.sampling import sample
 
 
 def run(cfg: DictConfig) -> dict:
-    """Sample into cfg.sampling.out_dir, score it, write summary.csv and grid.png there; return the metrics."""
+    """Sample into cfg.sampling.out_dir, score it, write summary.csv and grid.png there; return the metrics.
+    Loggers record both stages, as guidebench-sample and guidebench-evaluate would."""
     run_dir = sample(cfg)
     ev = cfg.evaluation
     metrics = evaluate(ev.samples, ev.reference, cfg.metrics, ev.out_dir, cache_dir=ev.cache_dir, device=ev.device,
@@ -21,7 +22,7 @@ def run(cfg: DictConfig) -> dict:
     row = write_run_report(run_dir)
     print(format_table([row]))
     for logger in build_loggers(cfg.get("logger")):
-        logger.log_run(cfg, run_dir, row)
+        logger.log_evaluate(cfg, run_dir, row)
     return metrics
 
 

@@ -26,12 +26,13 @@ from hydra.core.global_hydra import GlobalHydra
 from guidebench.config import CONF_DIR, REPO_ROOT
 
 SLURM_DIR = REPO_ROOT / "slurm"
-EVALUATION_KEYS = ("evaluation.", "metrics.")  # overrides of the evaluation job only
+EVALUATION_KEYS = ("evaluation.", "metrics.", "logger")  # overrides of the evaluation job only
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """(the sampling array's overrides, the evaluation job's): evaluation.* and metrics.* keys go to the latter
-    (the suite itself, metrics=NAME, is read from the resolved config)."""
+    """(the sampling array's overrides, the evaluation job's): evaluation.*, metrics.* and logger keys go to the
+    latter (the suite itself, metrics=NAME, is read from the resolved config), so logger=wandb logs one W&B run of
+    job_type evaluate per submitted setting, not one per array task."""
     evaluation = [o for o in overrides if o.lstrip("+~").startswith(EVALUATION_KEYS)]
     return [o for o in overrides if o not in evaluation], evaluation
 
@@ -80,9 +81,6 @@ def submit(argv: list[str] | None = None) -> dict:
     if args.tasks < 1 or args.gpus < 0:
         parser.error("--tasks must be >= 1 and --gpus >= 0")
 
-    if any(o.lstrip("+~").startswith("logger") for o in args.overrides):
-        parser.error("the sampling array and the evaluation job do not log to W&B; drop logger=..., and log the "
-                     "finished run with: guidebench-report report.runs=[RUN] logger=wandb")
     sample_overrides, evaluation_overrides = split_overrides(args.overrides)
     try:
         cfg = resolve(args.overrides)
