@@ -31,14 +31,23 @@ def require_file(path: str | Path, *, source: str, sha256: str | None = None, co
     key = f" (set {config_key}=PATH)" if config_key else ""
     expected = f"; expected sha256 {sha256}" if sha256 else ""
     if not path.is_file():
-        raise CheckpointError(f"missing file {path}{key}. Get it from: {source}{expected}")
+        raise CheckpointError(f"missing file {path}{key}. Get it from: {source}{expected}{download_advice(path)}")
     if sha256:
         actual = sha256_file(path)
         if actual != sha256:
             raise CheckpointError(
                 f"wrong file {path}{key}: sha256 {actual} but expected {sha256}. Get the right one from: {source}"
+                f"{download_advice(path)}"
             )
     return path
+
+
+def download_advice(path: Path) -> str:
+    """'. Or run: guidebench-download NAME' when `path` is a file of the registry (conf/checkpoints.yaml)."""
+    from guidebench import download
+
+    hint = download.download_hint(path)
+    return f". Or run: {hint}" if hint else ""
 
 
 def load_torch_file(path: str | Path, *, source: str, sha256: str | None = None,

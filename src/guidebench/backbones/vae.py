@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from guidebench.checkpoints import CheckpointError
+from guidebench.checkpoints import CheckpointError, download_advice
 
 VAE_SOURCE = ("https://huggingface.co/stabilityai/{name} (huggingface-cli download stabilityai/{name} "
               "--local-dir {path})")
@@ -46,7 +46,8 @@ def load_decoder(path: str | Path, scale: float = 0.18215,
     source = VAE_SOURCE.format(name=path.name if path.name.startswith("sd-vae-ft-") else "sd-vae-ft-ema", path=path)
     config = path / "config.json"
     if not config.is_file():
-        raise CheckpointError(f"missing VAE folder {path} (no config.json; set {config_key}=PATH). Get it from: {source}")
+        raise CheckpointError(f"missing VAE folder {path} (no config.json; set {config_key}=PATH). Get it from: "
+                              f"{source}{download_advice(path)}")
     kind = json.loads(config.read_text()).get("_class_name")
     if kind != "AutoencoderKL":
         raise CheckpointError(f"{config} describes a {kind}, not an AutoencoderKL. Expected: {source}")

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 
+from guidebench.checkpoints import download_advice
 from guidebench.evaluation import adm_metrics
 from guidebench.evaluation.reference import FeatureExtractor, ReferenceError, extract, reference_statistics
 
@@ -37,7 +38,7 @@ def reference_for_resolution(resolution: int, references: Mapping[Any, Mapping[s
     path = Path(reference_dir) / entry["file"]
     if not path.is_file():
         raise ReferenceError(f"missing reference batch {path} (set evaluation.reference=PATH or "
-                             f"metrics.reference_dir=DIR). Get it from: {entry['url']}")
+                             f"metrics.reference_dir=DIR). Get it from: {entry['url']}{download_advice(path)}")
     return path
 
 
