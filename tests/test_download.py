@@ -222,8 +222,8 @@ def test_every_file_an_experiment_points_at_is_registered(experiment):
     ("ppap_adm256_resnet50", {"adm-256-diffusion-uncond", "ppap-resnet50-experts", "torchvision-resnet50-v2",
                               "ref-adm-imagenet256", "fid-helper-inception"}),
     ("dit_xl_2_256_cfg", {"dit-xl-2-256", "sd-vae-ft-ema", "ref-adm-imagenet256", "fid-helper-inception"}),
-    ("elucd_edm64_10", {"edm-imagenet64-cond", "torchvision-resnet101-v2", "ref-adm-imagenet64",
-                        "fid-helper-inception"}),
+    ("elucd_edm64_10", {"edm-imagenet64-cond", "torchvision-resnet101-v2", "ref-edm-imagenet64",
+                        "fid-helper-inception"}),  # pytorch-fid against EDM's statistics, as EluCD scored it
     ("eddpm_uadm25_g_eds_ect", {"adm-256-diffusion-uncond", "eddpm-256-classifier-ect", "ref-adm-imagenet256",
                                 "fid-helper-inception"}),
     ("edm_imagenet64", {"edm-imagenet64-cond", "ref-adm-imagenet64", "fid-helper-inception"}),  # no classifier

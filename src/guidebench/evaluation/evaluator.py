@@ -62,7 +62,8 @@ def evaluate(samples: str | Path, reference: str | Path | None, metrics_cfg: Map
     scores its verified shards anyway and records "complete": false (`sources.open_samples`).
 
     Suites with `engine: adm` (conf/metrics/adm.yaml, edm2.yaml, fast.yaml) reproduce the ADM evaluator
-    (guidebench.evaluation.adm_suite); the others run torch-fidelity in their extractors' feature spaces.
+    (guidebench.evaluation.adm_suite), `engine: pytorch_fid` (pytorch_fid.yaml) pytorch-fid's FID
+    (guidebench.evaluation.pytorch_fid); the others run torch-fidelity in their extractors' feature spaces.
     """
     suite = OmegaConf.to_container(metrics_cfg, resolve=True) if isinstance(metrics_cfg, DictConfig) else metrics_cfg
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -70,8 +71,11 @@ def evaluate(samples: str | Path, reference: str | Path | None, metrics_cfg: Map
     results: dict[str, Any] = {"suite": suite.get("name"), "samples": str(samples), "num_samples": len(sample_source),
                                "nonfinite": sample_source.nonfinite, "complete": sample_source.complete,
                                "num_requested": sample_source.requested}
-    if suite.get("engine") == "adm":
-        from guidebench.evaluation.adm_suite import evaluate_suite
+    if suite.get("engine") in ("adm", "pytorch_fid"):
+        if suite["engine"] == "adm":
+            from guidebench.evaluation.adm_suite import evaluate_suite
+        else:
+            from guidebench.evaluation.pytorch_fid import evaluate_suite
 
         results["reference"] = str(reference) if reference else None
         results.update(evaluate_suite(lambda: DataLoader(sample_source, batch_size=batch_size), suite, reference,
