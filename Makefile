@@ -9,7 +9,7 @@ RUN    := $(BIN)/guidebench-run -m experiment=demo hydra.sweep.dir=$(DEMO)
 NAMED  := hydra.sweep.subdir='$${tags.backbone}-$${tags.guidance}-$${tags.classifier}-$${tags.sampler}-s$${guidance.scale}'
 DDPM25 := sampler=ddpm sampler.schedule.respacing=25
 
-.PHONY: help setup demo table doodl-table test test-full lint clean
+.PHONY: help setup demo table doodl-table cfg-table seed-spread real-data test test-full lint clean
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -70,6 +70,8 @@ table: setup  ## every method of the README's digits table (~35 min on 2 cores):
 	$(TAB) backbone=digits_uncond classifier=digits_clean guidance=lgd guidance.scale=1
 	$(TAB) backbone=digits_uncond classifier=digits_clean guidance=ugd guidance.scale=0.3
 	$(BIN)/guidebench-report report.root=$(TABLE) report.out_dir=$(TABLE)
+	cp $(TABLE)/summary.csv experiments/results/digits_table.csv
+	$(BIN)/python experiments/digits/miniatures.py --write
 
 DOODL := $(BIN)/guidebench-run -m experiment=demo hydra.sweep.dir=outputs/doodl_table sampling.num_samples=200 \
 	classifier=digits_clean hydra.sweep.subdir='$${tags.backbone}-$${tags.guidance}-$${tags.sampler}'
@@ -78,6 +80,29 @@ doodl-table: setup  ## DOODL against plain DDIM-25 / EDICT-25 sampling, 200 samp
 	$(DOODL) backbone=digits,digits_uncond guidance=none sampler=edict
 	$(DOODL) backbone=digits,digits_uncond guidance=doodl sampler=edict guidance.num_iterations=5 guidance.clip_grad=0.01
 	$(BIN)/guidebench-report report.root=outputs/doodl_table report.out_dir=outputs/doodl_table
+	cp outputs/doodl_table/summary.csv experiments/results/doodl_table.csv
+	$(BIN)/python experiments/digits/miniatures.py --write
+
+CFGTAB := $(BIN)/guidebench-run -m experiment=demo hydra.sweep.dir=outputs/cfg_table
+cfg-table: setup  ## Ho & Salimans' Table 1 on digits: CFG w = 0..4 x p_uncond 0.1/0.2/0.5 (~15 min): outputs/cfg_table
+	$(CFGTAB) backbone=digits,digits_puncond02,digits_puncond05 guidance=cfg guidance.scale=1,1.3,2,3,5
+	$(BIN)/guidebench-report report.root=outputs/cfg_table report.out_dir=outputs/cfg_table report.grid=false
+	cp outputs/cfg_table/summary.csv experiments/results/digits_cfg_puncond.csv
+	$(BIN)/python experiments/digits/miniatures.py --write
+
+SEEDS := $(BIN)/guidebench-run -m experiment=demo hydra.sweep.dir=outputs/seed_spread hydra.sweep.subdir='$${tags.backbone}-seed$${sampling.seed}'
+seed-spread: setup  ## the same setting from three seed ranges, to read FID differences against (~8 min): outputs/seed_spread
+	$(SEEDS) backbone=digits,digits_uncond guidance=none sampling.seed=0,100000,200000
+	$(BIN)/guidebench-report report.root=outputs/seed_spread report.out_dir=outputs/seed_spread report.grid=false
+	cp outputs/seed_spread/summary.csv experiments/results/digits_seed_spread.csv
+	$(BIN)/python experiments/digits/miniatures.py --write
+
+real-data: setup  ## the floor of every digits table: 1,000 training digits scored as samples (~1 min): outputs/real_data
+	$(BIN)/python -c "from guidebench.data.digits import save_split_npz; save_split_npz('train', 'outputs/real_data/train1000.npz', 1000)"
+	$(BIN)/guidebench-evaluate evaluation.samples=outputs/real_data/train1000.npz evaluation.out_dir=outputs/real_data
+	$(BIN)/guidebench-report 'report.runs=[outputs/real_data]' report.out_dir=outputs/real_data report.grid=false
+	cp outputs/real_data/summary.csv experiments/results/digits_real.csv
+	$(BIN)/python experiments/digits/miniatures.py --write
 
 test: setup  ## the fast suite (everything not marked slow)
 	$(BIN)/pytest -m "not slow"

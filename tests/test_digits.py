@@ -248,3 +248,16 @@ def test_shipped_diffusion_ddpm_from_t_max(respacing):
     assert x0.abs().max() <= 1.0 + 1e-6
     images = ((x0 + 1) * 127.5).clamp(0, 255).to(torch.uint8)
     assert (evalnet(images)["logits"].argmax(1) == labels).float().mean().item() > 0.85
+
+
+def test_real_digits_export_as_samples(tmp_path):
+    from guidebench.data.digits import load_digits_split, save_split_npz
+    from guidebench.evaluation.sources import open_source
+
+    path = save_split_npz("train", tmp_path / "train.npz", 1000)
+    source, split = open_source(path), load_digits_split("train")
+    assert len(source) == 1000 and source.shape == (1, 8, 8)
+    assert np.array_equal(np.load(path)["arr_0"], split.images_uint8[:1000].numpy())
+    assert np.array_equal(source.labels, split.labels[:1000].numpy())
+    with pytest.raises(ValueError, match="has 1297 images; cannot take 2000"):
+        save_split_npz("train", tmp_path / "x.npz", 2000)

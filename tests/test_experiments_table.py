@@ -109,3 +109,18 @@ def test_parse_table_refuses_a_second_table_and_short_rows():
         parse_table(header + row + "\n" + header + row)
     with pytest.raises(AssertionError, match="cells"):
         parse_table(header + "| `x` | p | 1 |\n")
+
+
+def test_digits_miniatures_section_is_rendered_from_the_committed_results():
+    """The miniatures' numbers in experiments/README.md are experiments/digits/miniatures.py's rendering of
+    experiments/results/*.csv, so a re-run table cannot leave stale numbers behind."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("miniatures", README.parent / "digits" / "miniatures.py")
+    miniatures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(miniatures)
+    text = README.read_text()
+    section = text[text.index(miniatures.BEGIN):text.index(miniatures.END) + len(miniatures.END)]
+    assert section == miniatures.render(), "run: python experiments/digits/miniatures.py --write"
+    real = next(iter(miniatures.read("digits_real").values()))
+    assert int(real["num_samples"]) == 1000 and f"| {float(real['fid']):.1f} |" in section

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,3 +74,15 @@ def load_digits_split(split: str) -> DigitsSplit:
         labels=torch.from_numpy(labels[rows]),
         indices=torch.from_numpy(rows),
     )
+
+
+def save_split_npz(split: str, path: str | Path, num: int | None = None) -> Path:
+    """The first `num` images of a split (all if None) as an ADM-format npz (arr_0 uint8 NHWC, arr_1 labels): real
+    digits to score as if they were samples, the floor of every digits table."""
+    data = load_digits_split(split)
+    if num is not None and not 0 < num <= len(data):
+        raise ValueError(f"the {split} split has {len(data)} images; cannot take {num}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, arr_0=data.images_uint8[:num].numpy(), arr_1=data.labels[:num].numpy())
+    return path

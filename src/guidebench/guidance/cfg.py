@@ -37,7 +37,7 @@ class ClassifierFreeGuidance(Guidance):
     evaluations of a step take the same branch; where the step is unguided only the conditional
     forward runs, so the NFE drops):
       interval: [sigma_lo, sigma_hi]: guide only where sigma_i is in (sigma_lo, sigma_hi]
-          (Kynkaanniemi et al. 2024, sec. 3; EDM2-S ImageNet-512: (0.28, 5.42]);
+          (Kynkaanniemi et al. 2024, sec. 3; EDM2-S ImageNet-512: (0.28, 2.90], SD-XL: (0.28, 5.42]);
       interval_steps: [start, stop]: guide only steps int(start N) <= i < int(stop N) (the step-fraction
           window of diffusers' guiders);
       schedule: w_i = (scale - 1) f(p_i) with p_i = (i + 1) / N (Wang et al. 2024, sec. 3): constant f = 1,
