@@ -79,7 +79,8 @@ def test_iddpm_grid_and_rounding():
     net = load_network(golden_path("edm_iddpm_snapshot.pkl"))
     fresh = iDDPMPrecond(**_kwargs(g))  # the grid u computed from C_1, C_2, M, not loaded
     assert (fresh.C_1, fresh.C_2, fresh.M) == (g["C_1"], g["C_2"], g["M"])
-    torch.testing.assert_close(fresh.u, g["u"], rtol=0, atol=0)
+    # The float32 recursion over M levels: one-ulp differences of sin/pow between torch builds add up to ~10 ulp.
+    torch.testing.assert_close(fresh.u, g["u"], rtol=1e-5, atol=0)
     torch.testing.assert_close(net.u, g["u"], rtol=0, atol=0)
     assert (net.sigma_min, net.sigma_max) == (g["sigma_min"], g["sigma_max"])
     torch.testing.assert_close(net.round_sigma(g["sigma"]), g["round_sigma_out"], rtol=0, atol=0)

@@ -212,26 +212,64 @@ def replay(steps):
     return draw
 
 
-def test_resnet_distillation_loop_sequential_experts(g, abar):
-    """All 5 experts trained in order with one AdamW state (loose: AdamW amplifies float noise, README)."""
+def train_resnet_experts(g, abar, grad_noise: float = 0.0, seed: int = 0):
+    """distil() replaying the fixture's t and noise; grad_noise adds N(0, grad_noise^2) to every gradient."""
     k, cfg = g["kd_resnet"], g["config"]
     teacher, student = resnet_teacher(g), resnet_student(g)
-    data = itertools.cycle(k["data"])
+    if grad_noise:
+        gen = torch.Generator().manual_seed(seed)
+        for p in student.parameters():
+            if p.requires_grad:
+                p.register_hook(lambda grad: grad + grad_noise * torch.randn(grad.shape, generator=gen))
     seen = []
-    states, losses = distil(teacher, student, data, expert_bounds(cfg["n_experts"]), k["iterations_per_expert"],
-                            replay(k["steps"]), abar, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                            temperature=0.25, normalize=k["normalize"], record=seen.append)
+    states, _ = distil(teacher, student, itertools.cycle(k["data"]), expert_bounds(cfg["n_experts"]),
+                       k["iterations_per_expert"], replay(k["steps"]), abar, lr=cfg["lr"],
+                       weight_decay=cfg["weight_decay"], temperature=0.25, normalize=k["normalize"],
+                       record=seen.append)
+    return seen, states
+
+
+def test_resnet_distillation_loop_sequential_experts(g, abar):
+    """All 5 experts trained in order with one AdamW state. After step 0 the trajectory is chaotic (README-ppap,
+    reproducibility 3: AdamW turns ~1e-9 gradient noise of structurally zero gradients into lr-sized steps), so
+    later steps are held, normwise, to twice the distance of our own runs under 1e-9 gradient noise."""
+    k = g["kd_resnet"]
+    seen, states = train_resnet_experts(g, abar)
+    perturbed = [train_resnet_experts(g, abar, grad_noise=1e-9, seed=seed) for seed in (0, 1)]
     assert [(r["expert"], r["step"], r["lr"]) for r in seen] == [(s["interval"], s["step"], s["lr"])
                                                                  for s in k["steps"]]
-    for r, s in zip(seen, k["steps"]):
+
+    def within_noise(ours_, theirs_, noisy, what):
+        distance = (ours_ - theirs_).norm().item()
+        allowed = max(1e-4, 2 * max((ours_ - x).norm().item() for x in noisy))
+        assert distance <= allowed, f"{what}: |ours - reference| = {distance:.3g} > {allowed:.3g} (2x noise spread)"
+
+    for i, (r, s) in enumerate(zip(seen, k["steps"])):
         torch.testing.assert_close(r["teacher_logits"], s["teacher_logits"], **LOGITS)
-        torch.testing.assert_close(r["student_logits"], s["student_logits"], atol=1e-4, rtol=0)
+        if i == 0:
+            torch.testing.assert_close(r["student_logits"], s["student_logits"], **LOGITS)
+        else:
+            within_noise(r["student_logits"], s["student_logits"], [p[0][i]["student_logits"] for p in perturbed],
+                         f"student logits, step {i}")
     initial = resnet_student(g).state_dict()
-    for state, changed in zip(states, k["expert_changed_entries"]):
-        for key, expected in changed.items():
-            torch.testing.assert_close(state[ours(key)].to(expected.dtype), expected, atol=1e-4, rtol=0, msg=key)
+    for e, (state, changed) in enumerate(zip(states, k["expert_changed_entries"])):
+        assert all(not torch.equal(state[ours(key)], initial[ours(key)]) for key in changed)
+
+        def flat(sd):
+            return torch.cat([sd[ours(key)].double().flatten() for key in changed])
+        within_noise(flat(state), torch.cat([v.double().flatten() for v in changed.values()]),
+                     [flat(p[1][e]) for p in perturbed], f"expert {e + 1} weights")
         for key in k["expert_unchanged_keys"]:
             torch.testing.assert_close(state[ours(key)], initial[ours(key)], atol=0, rtol=0)
+
+
+def test_gradient_noise_alone_moves_the_trajectory(g, abar):
+    """The premise of the loose check above: 1e-9 gradient noise, nothing else, changes the student's logits
+    by far more than float32 rounding by the last step (> 1e-4), while step 0 is untouched."""
+    seen, _ = train_resnet_experts(g, abar)
+    noisy, _ = train_resnet_experts(g, abar, grad_noise=1e-9)
+    assert torch.equal(seen[0]["student_logits"], noisy[0]["student_logits"])
+    assert (seen[-1]["student_logits"] - noisy[-1]["student_logits"]).abs().max() > 1e-4
 
 
 def deit_pair(g):
