@@ -10,13 +10,16 @@ is followed), gives it random weights and saves it laid out as the released file
     sd-vae-ft-ema               diffusers AutoencoderKL folder (config.json + safetensors)
     EDM                         NVlabs/edm network snapshot pickle ({'ema': EDMPrecond, 'loss_fn', ...}, every
                                 network class pickled through torch_utils.persistence as EDM does)
+    EDM2                        NVlabs/edm2 posthoc-reconstruction pickle (EasyDict {'ema': Precond in float16,
+                                'encoder', 'loss_fn', 'dataset_kwargs'}, persistence as EDM2 does); its
+                                architecture follows from the released file name
     torchvision ResNet          torchvision state dict (resnet50_weight_V2.pth)
     timm ResNet                 the state dict timm downloads for the name
     PPAP experts                riiid/PPAP's {k}_max{n}.ckpt: full LoRA-ResNet state dicts, keys resnet.*
     DINOv2 ViT-L/14             dinov2_vitl14_pretrain.pth (518-px position grid, mask_token)
 
 Layers that the architectures zero-initialise (ADM's zero_module, DiT's adaLN-Zero, EDM's init_zero convs,
-LoRA's B) get small random values, so no branch of a smoke run is trivially dead.
+EDM2's gains, LoRA's B) get small random values, so no branch of a smoke run is trivially dead.
 
 `ReleasedCheckpoints` walks a composed config, writes one file for every `${paths.checkpoints}` path (once
 per cache folder, keyed by loader, architecture and file name: several experiments share a file) and points
@@ -26,11 +29,13 @@ the config at them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
 import os
 import pickle
+import re
 import shutil
 import sys
 import types
@@ -49,6 +54,9 @@ EDM_PERSISTENCE_VERSION = 6  # NVlabs/edm torch_utils.persistence._version
 SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                      layers_per_block=2, norm_num_groups=32, act_fn="silu", sample_size=256,
                      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+# EDM2's model sizes (train_edm2.py config_presets: channels).
+EDM2_CHANNELS = {"xs": 128, "s": 192, "m": 256, "l": 320, "xl": 384, "xxl": 448}
 
 # The constructor arguments that NVlabs/edm's released network pickles record (train.py --arch=adm --cond=1
 # --dropout=0.10 --augment=0 --fp16=1 for ImageNet-64, Karras et al. 2022 Table 7): file name -> (class, kwargs).
@@ -172,23 +180,31 @@ def write_dinov2(path: Path, seed: int = 0) -> Path:
     state = dinov2.build_vit(**dinov2.VIT_L14).state_dict()
     dim = dinov2.VIT_L14["embed_dim"]
     state["pos_embed"] = torch.randn(1, 1 + 37 * 37, dim) * 0.02
+    state["cls_token"] = torch.randn(1, 1, dim) * 0.02  # build_vit skips weight init: torch.empty otherwise
     state["mask_token"] = torch.zeros(1, dim)
     torch.save(state, path)
     return path
 
 
 class _Persistent:
-    """A non-module persistent EDM object (e.g. EDMLoss) to pickle as class_name with `state`."""
+    """A non-module persistent object (EDM's EDMLoss, EDM2's EDM2Loss and encoders) to pickle as class_name with
+    `state`."""
 
     def __init__(self, class_name: str, state: dict):
         self.class_name, self.state = class_name, state
 
 
+class _EasyDict(dict):
+    """Stand-in dnnlib.util.EasyDict (EDM2's snapshot dict), importable while the pickle is written."""
+
+
 @contextlib.contextmanager
-def _edm_persistence():
-    """A stand-in `torch_utils.persistence._reconstruct_persistent_obj`, importable while the pickle is written."""
-    saved = {name: sys.modules.get(name) for name in ("torch_utils", "torch_utils.persistence")}
-    pkg, mod = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+def _persistence_modules():
+    """Stand-ins for `torch_utils.persistence._reconstruct_persistent_obj` and `dnnlib.util.EasyDict`, importable
+    while a pickle is written."""
+    names = ("torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util")
+    saved = {name: sys.modules.get(name) for name in names}
+    pkg, mod, dnnlib, util = (types.ModuleType(name) for name in names)
 
     def _reconstruct_persistent_obj(meta):  # EDM's exec()s meta['module_src']; never called here
         raise RuntimeError("stand-in for writing only")
@@ -197,9 +213,12 @@ def _edm_persistence():
     _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
     mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
     pkg.persistence = mod
-    sys.modules.update({"torch_utils": pkg, "torch_utils.persistence": mod})
+    easy_dict = type("EasyDict", (_EasyDict,), {"__module__": util.__name__})
+    util.EasyDict = easy_dict
+    dnnlib.util = util
+    sys.modules.update(zip(names, (pkg, mod, dnnlib, util)))
     try:
-        yield _reconstruct_persistent_obj
+        yield _reconstruct_persistent_obj, easy_dict
     finally:
         for name, old in saved.items():
             if old is None:
@@ -208,24 +227,36 @@ def _edm_persistence():
                 sys.modules[name] = old
 
 
-def write_edm_pickle(path: Path, class_name: str = "EDMPrecond", init_kwargs: Mapping[str, Any] | None = None,
-                     seed: int = 0) -> Path:
-    """An NVlabs/edm training snapshot pickle, as training_loop.py writes it:
+@contextlib.contextmanager
+def _recording_init_args(classes: list[type]):
+    """Every object of `classes` built inside records its constructor arguments as `_init_args` / `_init_kwargs`,
+    as EDM2's torch_utils.persistence decorator does for every persistent class."""
+    saved = {cls: cls.__dict__["__init__"] for cls in classes}
 
-    {'ema': net, 'loss_fn': EDMLoss, 'augment_pipe': None, 'dataset_kwargs': {...}}, every EDM class pickled
-    by torch_utils.persistence as REDUCE(_reconstruct_persistent_obj, meta) with meta = {type, version,
-    module_src, class_name, state = the object's __dict__}; the top network's state records _init_args /
-    _init_kwargs (its constructor arguments). module_src is a placeholder (guidebench never runs it);
-    tensors are plainly pickled (storages via torch.storage._load_from_bytes), nn.ModuleDict by class.
-    """
-    from guidebench.backbones import edm
-    from guidebench.backbones.edm_pickle import EDM_CLASSES
+    def recording(init):
+        def __init__(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            self._init_args, self._init_kwargs = copy.deepcopy(args), copy.deepcopy(kwargs)
+        return __init__
 
-    init_kwargs = dict(init_kwargs if init_kwargs is not None else EDM_RELEASED[path.name][1])
-    torch.manual_seed(seed)
-    net = randomize_zero_parameters(edm.NETWORKS[class_name](**init_kwargs), seed).eval().requires_grad_(False)
-    edm_modules = {cls for cls in vars(edm).values() if isinstance(cls, type) and issubclass(cls, nn.Module)
-                   and cls.__name__ in EDM_CLASSES}
+    for cls, init in saved.items():
+        cls.__init__ = recording(init)
+    try:
+        yield
+    finally:
+        for cls, init in saved.items():
+            cls.__init__ = init
+
+
+def _dump_persistent(path: Path, snapshot: Callable[[type], dict], net: nn.Module, init_kwargs: Mapping[str, Any],
+                     module: types.ModuleType, classes: frozenset, repo: str) -> Path:
+    """Pickle `snapshot(EasyDict)` as torch_utils.persistence does: every network class of `module` named in
+    `classes` (and every `_Persistent`) as REDUCE(_reconstruct_persistent_obj, meta) with meta = {type, version,
+    module_src, class_name, state = the object's __dict__}; `net`'s state records _init_args / _init_kwargs (its
+    constructor arguments). module_src is a placeholder (guidebench never runs it); tensors are plainly pickled
+    (storages via torch.storage._load_from_bytes), nn.ModuleDict by class; protocol 4, as the releases."""
+    persistent = {cls for cls in vars(module).values() if isinstance(cls, type) and issubclass(cls, nn.Module)
+                  and cls.__name__ in classes}
     plain = (bool, int, float, str, type(None))
 
     def state_of(obj: nn.Module) -> dict:
@@ -236,31 +267,95 @@ def write_edm_pickle(path: Path, class_name: str = "EDMPrecond", init_kwargs: Ma
             state.update(_init_args=(), _init_kwargs=dict(init_kwargs))
         return state
 
-    with _edm_persistence() as reconstruct:
+    with _persistence_modules() as (reconstruct, easy_dict):
         def meta(name: str, state: dict) -> tuple:
             return reconstruct, (dict(type="class", version=EDM_PERSISTENCE_VERSION, class_name=name, state=state,
-                                      module_src=f"# {name}: NVlabs/edm training/networks.py (not stored)\n"),)
+                                      module_src=f"# {name}: {repo} (not stored)\n"),)
 
         class Pickler(pickle.Pickler):
             def reducer_override(self, obj):
-                if type(obj) in edm_modules:
+                if type(obj) in persistent:
                     return meta(type(obj).__name__, state_of(obj))
                 if isinstance(obj, _Persistent):
                     return meta(obj.class_name, obj.state)
                 return NotImplemented
 
-        snapshot = {
-            "ema": net,
-            "loss_fn": _Persistent("EDMLoss", dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5, _init_args=(),
-                                                   _init_kwargs={})),
-            "augment_pipe": None,
-            "dataset_kwargs": dict(class_name="training.dataset.ImageFolderDataset", path="imagenet-64x64.zip",
-                                   use_labels=bool(init_kwargs.get("label_dim")), xflip=False, cache=True,
-                                   resolution=init_kwargs.get("img_resolution"), max_size=1281167),
-        }
         with open(path, "wb") as f:
-            Pickler(f, protocol=4).dump(snapshot)
+            Pickler(f, protocol=4).dump(snapshot(easy_dict))
     return path
+
+
+def write_edm_pickle(path: Path, class_name: str = "EDMPrecond", init_kwargs: Mapping[str, Any] | None = None,
+                     seed: int = 0) -> Path:
+    """An NVlabs/edm training snapshot pickle, as training_loop.py writes it:
+    {'ema': net, 'loss_fn': EDMLoss, 'augment_pipe': None, 'dataset_kwargs': {...}}, see `_dump_persistent`."""
+    from guidebench.backbones import edm
+    from guidebench.backbones.edm_pickle import EDM_CLASSES
+
+    init_kwargs = dict(init_kwargs if init_kwargs is not None else EDM_RELEASED[path.name][1])
+    torch.manual_seed(seed)
+    net = randomize_zero_parameters(edm.NETWORKS[class_name](**init_kwargs), seed).eval().requires_grad_(False)
+    snapshot = {
+        "ema": net,
+        "loss_fn": _Persistent("EDMLoss", dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5, _init_args=(),
+                                               _init_kwargs={})),
+        "augment_pipe": None,
+        "dataset_kwargs": dict(class_name="training.dataset.ImageFolderDataset", path="imagenet-64x64.zip",
+                               use_labels=bool(init_kwargs.get("label_dim")), xflip=False, cache=True,
+                               resolution=init_kwargs.get("img_resolution"), max_size=1281167),
+    }
+    return _dump_persistent(path, lambda easy_dict: snapshot, net, init_kwargs, edm, EDM_CLASSES,
+                            "NVlabs/edm training/networks.py")
+
+
+def edm2_release(name: str) -> dict:
+    """The Precond arguments a released EDM2 pickle records, from its name edm2-img{512,64}-SIZE[-uncond]-KIMG-EMA.pkl
+    (train_edm2.py presets: channels per size, dropout 0.1 from M up, fp16; ImageNet-512: 4 x 64 x 64 latents)."""
+    m = re.fullmatch(r"edm2-img(512|64)-(xs|s|m|l|xl|xxl)(-uncond)?-\d{7}-\d\.\d{3}\.pkl", name)
+    if m is None:
+        raise LookupError(f"{name} is not an EDM2 release name (edm2-img{{512,64}}-SIZE[-uncond]-KIMG-EMA.pkl)")
+    res, size, uncond = m.groups()
+    return dict(img_resolution=64, img_channels=4 if res == "512" else 3, label_dim=0 if uncond else 1000,
+                model_channels=EDM2_CHANNELS[size], dropout=0.0 if size in ("xs", "s") else 0.1, use_fp16=True)
+
+
+def write_edm2_pickle(path: Path, init_kwargs: Mapping[str, Any] | None = None, seed: int = 0) -> Path:
+    """An NVlabs/edm2 released pickle, as training_loop.py / reconstruct_phema.py write it: an EasyDict
+    {'encoder', 'dataset_kwargs', 'loss_fn': EDM2Loss, 'ema': Precond in float16}, the encoder a
+    StabilityVAEEncoder (4-channel latents: scale / bias as float32 numpy arrays) or StandardRGBEncoder;
+    every persistent object records its constructor arguments; see `_dump_persistent`."""
+    from guidebench.backbones import edm2
+    from guidebench.backbones.edm_pickle import EDM2_CLASSES
+
+    init_kwargs = dict(init_kwargs if init_kwargs is not None else edm2_release(path.name))
+    torch.manual_seed(seed)
+    with _recording_init_args([edm2.MPFourier, edm2.MPConv, edm2.Block, edm2.UNet, edm2.Precond]):
+        net = edm2.Precond(**init_kwargs)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # the gains start at zero (EDM2's init), which would make F = 0
+        for name, p in net.named_parameters():
+            if p.ndim == 0:
+                p.copy_(0.3 + torch.rand([], generator=g))
+    net = net.eval().requires_grad_(False).to(torch.float16)
+    if init_kwargs["img_channels"] == 4:
+        scale = np.float32(0.5) / np.float32(edm2.VAE_RAW_STD)
+        bias = np.float32(0) - np.float32(edm2.VAE_RAW_MEAN) * scale
+        encoder = _Persistent("StabilityVAEEncoder", dict(_init_args=(), _init_kwargs={},
+                                                          vae_name="stabilityai/sd-vae-ft-mse", scale=scale,
+                                                          bias=bias, batch_size=8, _vae=None))
+    else:
+        encoder = _Persistent("StandardRGBEncoder", dict(_init_args=(), _init_kwargs={}))
+
+    def snapshot(easy_dict: type) -> dict:
+        data = easy_dict(encoder=encoder, dataset_kwargs=easy_dict(
+            class_name="training.dataset.ImageFolderDataset", path=f"img{init_kwargs['img_resolution']}.zip",
+            use_labels=init_kwargs["label_dim"] > 0))
+        data.update(loss_fn=_Persistent("EDM2Loss", dict(_init_args=(), _init_kwargs=dict(P_mean=-0.4, P_std=1.0),
+                                                         P_mean=-0.4, P_std=1.0, sigma_data=0.5)), ema=net)
+        return data
+
+    return _dump_persistent(path, snapshot, net, init_kwargs, edm2, EDM2_CLASSES,
+                            "NVlabs/edm2 training/networks_edm2.py")
 
 
 def reference_npz(path: Path, size: int, n: int = 16, seed: int = 0) -> Path:
@@ -294,9 +389,13 @@ BUILDERS: dict[str, Builder] = {
         lambda path, arch, seed: write_dit(path, **arch, seed=seed)),
     "guidebench.backbones.vae.load_decoder": (
         "sd-vae", ("path",), lambda n: {}, lambda path, arch, seed: write_sd_vae(path, seed)),
+    "guidebench.backbones.edm2.load_decoder": (
+        "sd-vae", ("path",), lambda n: {}, lambda path, arch, seed: write_sd_vae(path, seed)),
     "guidebench.backbones.edm.load_denoiser": (
         "edm", ("checkpoint",), lambda n: {},
         lambda path, arch, seed: write_edm_pickle(path, *_edm_release(path), seed=seed)),
+    "guidebench.backbones.edm2.load_denoiser": (
+        "edm2", ("checkpoint",), lambda n: {}, lambda path, arch, seed: write_edm2_pickle(path, seed=seed)),
     "guidebench.classifiers.torchvision_resnet.load_classifier": (
         "torchvision", ("checkpoint",), lambda n: {"arch": n.get("arch", "resnet101")},
         lambda path, arch, seed: write_torchvision_resnet(path, arch["arch"], seed)),

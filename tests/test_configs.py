@@ -74,7 +74,7 @@ def test_every_experiments_guidance_and_solver_instantiate(compose_cfg, experime
     import hydra
 
     cfg = compose_cfg("run", [f"experiment={experiment}"])
-    kwargs = {"classifier": None} if "classifier" in cfg.guidance else {}
+    kwargs = {key: None for key in ("classifier", "guide") if key in cfg.guidance}  # networks are not built here
     guidance = hydra.utils.instantiate(cfg.guidance, **kwargs)
     assert guidance.scale == cfg.guidance.get("scale", guidance.scale)
     assert callable(hydra.utils.instantiate(cfg.sampler.solver))

@@ -227,6 +227,8 @@ def test_every_file_an_experiment_points_at_is_registered(experiment):
     ("eddpm_uadm25_g_eds_ect", {"adm-256-diffusion-uncond", "eddpm-256-classifier-ect", "ref-adm-imagenet256",
                                 "fid-helper-inception"}),
     ("edm_imagenet64", {"edm-imagenet64-cond", "ref-adm-imagenet64", "fid-helper-inception"}),  # no classifier
+    ("edm2_s_512_autoguidance_fid", {"edm2-img512-s-2147483-0.070", "edm2-img512-xs-0134217-0.125", "sd-vae-ft-mse",
+                                     "ref-edm2-img512", "fid-helper-inception", "dinov2-vitl14"}),  # main net + guide
     ("demo", set()),
 ])
 def test_targets_for_experiment(experiment, names):
@@ -242,7 +244,7 @@ def test_targets_follow_overridden_roots_and_an_explicit_reference(tmp_path):
 
 
 def test_registry_urls_agree_with_the_loaders():
-    from guidebench.backbones import adm, dit, edm
+    from guidebench.backbones import adm, dit, edm, edm2
     from guidebench.classifiers import torchvision_resnet
     from guidebench.evaluation import dinov2, inception
 
@@ -255,6 +257,8 @@ def test_registry_urls_agree_with_the_loaders():
             assert Path(rel).name in dit.RELEASED_FILES and url[name] == dit.RELEASE_URL + Path(rel).name
         if rel.startswith("edm/"):
             assert url[name] == edm.RELEASED_FILES[Path(rel).name]
+        if rel.startswith("edm2/"):
+            assert url[name] == edm2.RELEASE_URL + Path(rel).name
         if any(f.sha256_prefix for f in e.files):  # torchvision-named files
             assert all(f.sha256_prefix in f.url for f in e.files)
     assert url["torchvision-resnet50-v2"] == torchvision_resnet.WEIGHTS["resnet50"][1]

@@ -16,14 +16,18 @@ def to_uint8(x: torch.Tensor, rule: str = "adm") -> np.ndarray:
     """Images in [-1, 1], [B, C, H, W] -> uint8 NHWC, by the rule of the code whose numbers we reproduce.
 
     adm: (x + 1) * 127.5 clamped and truncated (guided-diffusion, DiT);
-    edm: x * 127.5 + 128 clamped and truncated, i.e. rounded (NVlabs/edm generate.py, DiT sample_ddp.py).
+    edm: x * 127.5 + 128 clamped and truncated, i.e. rounded (NVlabs/edm generate.py, DiT sample_ddp.py);
+    edm2_vae: 255 y truncated for the VAE output y = (x + 1) / 2 in [0, 1], taken back to float32 from float64
+    images (NVlabs/edm2 training/encoders.py StabilityVAEEncoder.decode; `VAEDecoder` with pixel_range (0, 1)).
     """
     if rule == "adm":
         x = (x.to(torch.float32) + 1) * 127.5
     elif rule == "edm":
         x = x.to(torch.float32) * 127.5 + 128
+    elif rule == "edm2_vae":
+        x = ((x.to(torch.float64) + 1) / 2).to(torch.float32) * 255
     else:
-        raise ValueError(f"unknown uint8 rule {rule!r}; expected 'adm' or 'edm'")
+        raise ValueError(f"unknown uint8 rule {rule!r}; expected 'adm', 'edm' or 'edm2_vae'")
     return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

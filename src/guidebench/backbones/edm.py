@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from guidebench.backbones.edm_pickle import ModuleRecord, read_network_pickle, record_state_dict
+from guidebench.backbones.edm_pickle import ModuleRecord, read_snapshot_entry, record_state_dict
 from guidebench.checkpoints import CheckpointError, load_state_dict_checked, require_file
 from guidebench.denoisers.preconditioned import EDMDenoiser
 
@@ -371,19 +371,14 @@ def load_network(checkpoint: str | Path, key: str = "ema", *, config_key: str | 
                  sha256: str | None = None) -> nn.Module:
     """EDMPrecond / iDDPMPrecond from an EDM network pickle, in eval mode without gradients.
 
-    The pickle is decoded by `edm_pickle.read_network_pickle` (no pickled code is imported or run); the
+    The pickle is decoded by `edm_pickle.read_snapshot_entry` (no pickled code is imported or run); the
     network is built from the stored constructor arguments (`_init_args` / `_init_kwargs`) and its weights
     are loaded strictly.
     """
     path = Path(checkpoint).expanduser()
     source = _source(path)
     require_file(path, source=source, sha256=sha256, config_key=config_key)
-    data = read_network_pickle(path)
-    if not isinstance(data, dict) or key not in data:
-        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise CheckpointError(f"{path} has no network under key {key!r} (found {keys}); EDM snapshots keep the "
-                              f"network under 'ema'. Expected: {source}")
-    record = data[key]
+    record = read_snapshot_entry(path, key, source)
     if not isinstance(record, ModuleRecord) or record.class_name not in NETWORKS:
         name = record.class_name if isinstance(record, ModuleRecord) else type(record).__name__
         raise CheckpointError(f"{path}[{key!r}] holds {name}; guidebench loads {sorted(NETWORKS)}")

@@ -1,20 +1,24 @@
-"""A restricted reader for NVlabs/edm network pickles: it decodes data and never imports or runs pickled code.
+"""A restricted reader for NVlabs/edm and NVlabs/edm2 network pickles: it decodes data and never imports or runs
+pickled code.
 
-EDM pickles every network class through `torch_utils.persistence`, which stores the class's module source
-(`meta['module_src']`) and `exec`s it when unpickling, so `pickle.load` on such a file runs whatever the
-file says. This reader resolves only the globals an EDM snapshot needs, each to a local stand-in:
+EDM and EDM2 pickle every network class through `torch_utils.persistence`, which stores the class's module
+source (`meta['module_src']`) and `exec`s it when unpickling, so `pickle.load` on such a file runs whatever the
+file says. This reader resolves only the globals an EDM / EDM2 snapshot needs, each to a local stand-in:
 
     torch_utils.persistence._reconstruct_persistent_obj -> ModuleRecord(class_name, state); module_src dropped
     torch.nn.modules.container.ModuleDict               -> ModuleRecord('ModuleDict', state)
     collections.OrderedDict                             -> collections.OrderedDict
+    dnnlib.util.EasyDict                                -> dict (EDM2's snapshot dict)
     torch._utils._rebuild_tensor_v2 / _rebuild_parameter -> tensors over the decoded storages
     torch.storage._load_from_bytes                      -> a storage decoded from its legacy torch.save
                                                            stream by a nested reader that resolves only
                                                            torch.<Type>Storage
     numpy.dtype, numpy.core / numpy._core .multiarray.scalar -> Python numbers (numeric dtypes only)
+    numpy.core / numpy._core .multiarray._reconstruct, numpy.ndarray -> NumpyArrayRecord (numeric dtypes only;
+                                                           EDM2's StabilityVAEEncoder keeps its scale / bias so)
 
 Any other global (os.system, builtins.eval, subprocess.Popen, a dotted attribute path ...) and any
-persistent class that is not one of EDM's raises `UnsafePickleError` before anything is called.
+persistent class that is not one of EDM's or EDM2's raises `UnsafePickleError` before anything is called.
 """
 
 from __future__ import annotations
@@ -38,7 +42,13 @@ EDM_CLASSES = frozenset({
     # training/loss.py, training/augment.py (also in training snapshots)
     "VPLoss", "VELoss", "EDMLoss", "AugmentPipe",
 })
-PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of NVlabs/edm
+EDM2_CLASSES = frozenset({
+    "MPFourier", "MPConv", "Block", "UNet", "Precond",  # training/networks_edm2.py
+    "Encoder", "StandardRGBEncoder", "StabilityVAEEncoder",  # training/encoders.py
+    "EDM2Loss",  # training/training_loop.py
+})
+PERSISTENT_CLASSES = EDM_CLASSES | EDM2_CLASSES
+PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of NVlabs/edm and NVlabs/edm2
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization's legacy (non-zip) format
 LEGACY_PROTOCOL = 1001
 STORAGE_DTYPES = {
@@ -81,12 +91,12 @@ def _reconstruct_persistent_obj(meta: Any) -> ModuleRecord:
     if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
         raise UnsafePickleError("malformed torch_utils.persistence record (expected type='class' and a state dict)")
     name = meta.get("class_name")
-    if name not in EDM_CLASSES:
-        raise UnsafePickleError(f"refusing persistent class {name!r}: not one of EDM's classes {sorted(EDM_CLASSES)} "
-                                "(its pickled module_src is never executed)")
+    if name not in PERSISTENT_CLASSES:
+        raise UnsafePickleError(f"refusing persistent class {name!r}: not one of EDM's or EDM2's classes "
+                                f"{sorted(PERSISTENT_CLASSES)} (its pickled module_src is never executed)")
     if meta.get("version") != PERSISTENCE_VERSION:
         raise UnsafePickleError(f"persistent class {name!r} has persistence version {meta.get('version')!r}, "
-                                f"NVlabs/edm writes {PERSISTENCE_VERSION}")
+                                f"NVlabs/edm and edm2 write {PERSISTENCE_VERSION}")
     return ModuleRecord(name, meta["state"])
 
 
@@ -189,10 +199,10 @@ class _NumpyDType:
 
     def __init__(self, spec: Any):
         if not isinstance(spec, str):
-            raise UnsafePickleError(f"numpy.dtype({spec!r}) refused: expected a type code")
+            raise UnsafePickleError(f"refusing numpy.dtype({spec!r}): expected a type code")
         self.dtype = np.dtype(spec)
         if self.dtype.kind not in "biufc":
-            raise UnsafePickleError(f"numpy.dtype({spec!r}) refused: only numeric scalars are allowed")
+            raise UnsafePickleError(f"refusing numpy.dtype({spec!r}): only numeric scalars and arrays are allowed")
 
     def __setstate__(self, state: Any) -> None:
         if not isinstance(state, tuple) or len(state) < 2 or state[1] not in ("<", ">", "|", "="):
@@ -211,6 +221,33 @@ def _numpy_scalar(dtype: Any, data: Any) -> int | float | complex | bool:
     return np.frombuffer(data, dtype.dtype)[0].item()
 
 
+class NumpyArrayRecord:
+    """A pickled numeric numpy array: `_reconstruct(ndarray, (0,), b'b')`, then BUILD with
+    (version 1, shape, dtype, is_fortran, raw bytes) fills `array`."""
+
+    array: np.ndarray
+
+    def __setstate__(self, state: Any) -> None:
+        ok = (isinstance(state, tuple) and len(state) == 5 and state[0] == 1 and _is_int_tuple(state[1])
+              and isinstance(state[2], _NumpyDType) and isinstance(state[3], bool) and isinstance(state[4], bytes))
+        if not ok:
+            raise UnsafePickleError("malformed numpy array state")
+        _, shape, dtype, fortran, data = state
+        if len(data) != int(np.prod(shape)) * dtype.dtype.itemsize:
+            raise UnsafePickleError(f"numpy array of shape {shape} ({dtype.dtype}) holds {len(data)} bytes")
+        self.array = np.frombuffer(data, dtype.dtype).reshape(shape, order="F" if fortran else "C").copy()
+
+
+class _NumpyNDArray:
+    """numpy.ndarray, only as the class argument of `_reconstruct`."""
+
+
+def _numpy_reconstruct(cls: Any, shape: Any, typecode: Any) -> NumpyArrayRecord:
+    if cls is not _NumpyNDArray or shape != (0,) or typecode != b"b":
+        raise UnsafePickleError("numpy _reconstruct is only allowed as ndarray's own pickling")
+    return NumpyArrayRecord()
+
+
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
     ("torch.nn.modules.container", "ModuleDict"): _ModuleDictRecord,
@@ -221,6 +258,10 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy", "dtype"): _numpy_dtype,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "ndarray"): _NumpyNDArray,
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("dnnlib.util", "EasyDict"): dict,
 }
 
 
@@ -230,15 +271,15 @@ class _NetworkUnpickler(pickle.Unpickler):
             return ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             allowed = ", ".join(f"{m}.{n}" for m, n in ALLOWED_GLOBALS)
-            raise UnsafePickleError(f"refusing global {module}.{name}: an EDM network pickle only references "
-                                    f"{allowed}") from None
+            raise UnsafePickleError(f"refusing global {module}.{name}: an EDM / EDM2 network pickle only "
+                                    f"references {allowed}") from None
 
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError(f"unexpected persistent id {pid!r} (EDM pickles embed their storages)")
+        raise UnsafePickleError(f"unexpected persistent id {pid!r} (EDM / EDM2 pickles embed their storages)")
 
 
 def read_network_pickle(path: str | Path) -> Any:
-    """The top-level object of an EDM pickle (a dict such as {'ema': ModuleRecord, ...}), as data."""
+    """The top-level object of an EDM / EDM2 pickle (a dict such as {'ema': ModuleRecord, ...}), as data."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -246,7 +287,19 @@ def read_network_pickle(path: str | Path) -> Any:
     except UnsafePickleError as e:
         raise UnsafePickleError(f"{path}: {e}") from None
     except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"cannot read {path} as an NVlabs/edm network pickle ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"cannot read {path} as an NVlabs/edm or edm2 network pickle "
+                              f"({type(e).__name__}: {e})") from e
+
+
+def read_snapshot_entry(path: Path, key: str, source: str) -> Any:
+    """`key` of the snapshot dict an EDM / EDM2 pickle holds ('ema': the network), as data; `source` says where the
+    right file comes from."""
+    data = read_network_pickle(path)
+    if not isinstance(data, dict) or key not in data:
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{path} has no network under key {key!r} (found {keys}); EDM and EDM2 snapshots keep "
+                              f"the network under 'ema'. Expected: {source}")
+    return data[key]
 
 
 def record_state_dict(record: ModuleRecord, prefix: str = "") -> collections.OrderedDict[str, torch.Tensor]:

@@ -19,4 +19,4 @@ class DecodedClassifier(nn.Module):
         self.classifier, self.decoder = classifier, decoder
 
     def forward(self, z: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
-        return self.classifier(self.decoder(z), sigma)
+        return self.classifier(self.decoder(z).to(torch.float32), sigma)

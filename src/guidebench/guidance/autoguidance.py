@@ -15,7 +15,8 @@ class AutoGuidance(ClassifierFreeGuidance):
     trained shorter; EDM2: the XS model at an earlier training snapshot), both given the same label
     (EDM2 generate_images.py: `gnet(x, t, labels).lerp(net(x, t, labels), guidance)`). scale = 1 is the
     main model alone. Two separate forwards per guided evaluation. Every CFG key (interval, schedule,
-    rescale, channels) applies; guiding with an unconditional guide (EDM2's CFG rows) is the same formula.
+    rescale, channels) applies; guiding with an unconditional guide (num_classes 0: EDM2's CFG rows, whose
+    guide is a separately trained unconditional net) is the same formula.
     """
 
     name = "autoguidance"
@@ -28,6 +29,8 @@ class AutoGuidance(ClassifierFreeGuidance):
         if self.guide is None:
             raise ValueError("guidance=autoguidance needs a guide model (guidance.guide: a denoiser config)")
         for key in ("img_channels", "img_resolution", "num_classes"):
+            if key == "num_classes" and self.guide.num_classes == 0:  # an unconditional guide: EDM2's CFG
+                continue
             if getattr(self.guide, key) != getattr(denoiser, key):
                 raise ValueError(f"guidance=autoguidance: the guide's {key} is {getattr(self.guide, key)} but the "
                                  f"backbone's is {getattr(denoiser, key)}; the guide must be a model of the same task")
