@@ -43,6 +43,7 @@ import numpy as np
 import pytest
 import torch
 
+from guidebench.backbones import edm as edm_loader
 from guidebench.backbones import edm2
 from guidebench.backbones.edm_pickle import ModuleRecord, UnsafePickleError, read_network_pickle, record_state_dict
 from guidebench.checkpoints import CheckpointError
@@ -171,6 +172,9 @@ def test_wrong_files_are_named(tmp_path):
         attn_resolutions=[]))
     with pytest.raises(CheckpointError, match="holds EDMPrecond, not EDM2's Precond .*guidebench.backbones.edm"):
         edm2.load_network(edm)
+    with pytest.raises(CheckpointError, match=r"holds Precond, not EDM's EDMPrecond or iDDPMPrecond \(an NVlabs/edm2 "
+                                              r"pickle: use guidebench.backbones.edm2\)"):
+        edm_loader.load_network(FIXTURES / "pixel_cond.pkl")
 
 
 def _globals(path: Path) -> set[tuple[str, str]]:

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from guidebench.backbones.edm_pickle import ModuleRecord, read_snapshot_entry, record_state_dict
-from guidebench.checkpoints import CheckpointError, load_state_dict_checked, require_file
+from guidebench.backbones.edm_pickle import build_snapshot_network
+from guidebench.checkpoints import load_state_dict_checked, require_file
 from guidebench.denoisers.preconditioned import EDMDenoiser
 
 RELEASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
@@ -371,25 +371,15 @@ def load_network(checkpoint: str | Path, key: str = "ema", *, config_key: str | 
                  sha256: str | None = None) -> nn.Module:
     """EDMPrecond / iDDPMPrecond from an EDM network pickle, in eval mode without gradients.
 
-    The pickle is decoded by `edm_pickle.read_snapshot_entry` (no pickled code is imported or run); the
+    The pickle is decoded by `edm_pickle.build_snapshot_network` (no pickled code is imported or run); the
     network is built from the stored constructor arguments (`_init_args` / `_init_kwargs`) and its weights
     are loaded strictly.
     """
     path = Path(checkpoint).expanduser()
     source = _source(path)
     require_file(path, source=source, sha256=sha256, config_key=config_key)
-    record = read_snapshot_entry(path, key, source)
-    if not isinstance(record, ModuleRecord) or record.class_name not in NETWORKS:
-        name = record.class_name if isinstance(record, ModuleRecord) else type(record).__name__
-        raise CheckpointError(f"{path}[{key!r}] holds {name}; guidebench loads {sorted(NETWORKS)}")
-    args, kwargs = record.state.get("_init_args") or (), record.state.get("_init_kwargs")
-    if not isinstance(kwargs, dict) or not isinstance(args, tuple):
-        raise CheckpointError(f"{path}[{key!r}] does not record its constructor arguments (_init_kwargs)")
-    try:
-        net = NETWORKS[record.class_name](*args, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}[{key!r}]: cannot build {record.class_name} from {kwargs}: {e}") from e
-    load_state_dict_checked(net, record_state_dict(record), path=path, source=source)
+    net, state_dict = build_snapshot_network(path, key, source, NETWORKS, "EDM")
+    load_state_dict_checked(net, state_dict, path=path, source=source)
     return net.eval().requires_grad_(False)
 
 

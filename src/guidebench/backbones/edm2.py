@@ -23,8 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from guidebench.backbones import vae
-from guidebench.backbones.edm_pickle import ModuleRecord, read_snapshot_entry, record_state_dict
-from guidebench.checkpoints import CheckpointError, load_state_dict_checked, require_file
+from guidebench.backbones.edm_pickle import build_snapshot_network
+from guidebench.checkpoints import load_state_dict_checked, require_file
 from guidebench.denoisers.preconditioned import EDMDenoiser
 
 RELEASE_URL = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/"
@@ -312,29 +312,18 @@ def load_network(checkpoint: str | Path, key: str = "ema", *, config_key: str | 
     """EDM2's Precond from a released network pickle, in eval mode without gradients.
 
     The pickle (an EasyDict {'ema': Precond, 'encoder', 'loss_fn', 'dataset_kwargs'}) is decoded by
-    `edm_pickle.read_snapshot_entry` (no pickled code is imported or run); the network is built from its stored
+    `edm_pickle.build_snapshot_network` (no pickled code is imported or run); the network is built from its stored
     constructor arguments and loaded strictly. It keeps the dtype its weights are stored in (the releases:
     float16, as generate_images.py runs them), so the learned gains are float16 scalars as in EDM2.
     """
     path = Path(checkpoint).expanduser()
-    require_file(path, source=_source(path), sha256=sha256, config_key=config_key)
-    record = read_snapshot_entry(path, key, _source(path))
-    name = record.class_name if isinstance(record, ModuleRecord) else type(record).__name__
-    if name != "Precond":
-        hint = " (an NVlabs/edm pickle: use guidebench.backbones.edm)" if name in ("EDMPrecond", "iDDPMPrecond") else ""
-        raise CheckpointError(f"{path}[{key!r}] holds {name}, not EDM2's Precond{hint}. Expected: {_source(path)}")
-    args, kwargs = record.state.get("_init_args") or (), record.state.get("_init_kwargs")
-    if not isinstance(kwargs, dict) or not isinstance(args, tuple):
-        raise CheckpointError(f"{path}[{key!r}] does not record its constructor arguments (_init_kwargs)")
-    try:
-        net = Precond(*args, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}[{key!r}]: cannot build Precond from {kwargs}: {e}") from e
-    state_dict = record_state_dict(record)
+    source = _source(path)
+    require_file(path, source=source, sha256=sha256, config_key=config_key)
+    net, state_dict = build_snapshot_network(path, key, source, {"Precond": Precond}, "EDM2")
     dtypes = {t.dtype for t in state_dict.values()}
     if len(dtypes) == 1:
         net.to(dtypes.pop())
-    load_state_dict_checked(net, state_dict, path=path, source=_source(path))
+    load_state_dict_checked(net, state_dict, path=path, source=source)
     return net.eval().requires_grad_(False)
 
 

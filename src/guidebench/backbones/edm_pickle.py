@@ -28,7 +28,7 @@ import io
 import pickle
 import sys
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -291,15 +291,37 @@ def read_network_pickle(path: str | Path) -> Any:
                               f"({type(e).__name__}: {e})") from e
 
 
-def read_snapshot_entry(path: Path, key: str, source: str) -> Any:
-    """`key` of the snapshot dict an EDM / EDM2 pickle holds ('ema': the network), as data; `source` says where the
-    right file comes from."""
+# The network classes of each family's snapshots and the guidebench loader that builds them.
+SNAPSHOT_LOADERS = {"EDMPrecond": ("NVlabs/edm", "guidebench.backbones.edm"),
+                    "iDDPMPrecond": ("NVlabs/edm", "guidebench.backbones.edm"),
+                    "Precond": ("NVlabs/edm2", "guidebench.backbones.edm2")}
+
+
+def build_snapshot_network(path: Path, key: str, source: str, networks: Mapping[str, Callable[..., torch.nn.Module]],
+                           family: str) -> tuple[torch.nn.Module, collections.OrderedDict[str, torch.Tensor]]:
+    """The network under `key` of an EDM / EDM2 snapshot dict ('ema'), built by `networks[class_name]` from its
+    recorded constructor arguments (`_init_args` / `_init_kwargs`), and its state dict, not yet loaded.
+    `family` names the loader's repository in errors; `source` says where the right file comes from."""
     data = read_network_pickle(path)
     if not isinstance(data, dict) or key not in data:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path} has no network under key {key!r} (found {keys}); EDM and EDM2 snapshots keep "
                               f"the network under 'ema'. Expected: {source}")
-    return data[key]
+    record = data[key]
+    name = record.class_name if isinstance(record, ModuleRecord) else type(record).__name__
+    if name not in networks:
+        repo, loader = SNAPSHOT_LOADERS.get(name, (None, None))
+        hint = f" (an {repo} pickle: use {loader})" if loader else ""
+        raise CheckpointError(f"{path}[{key!r}] holds {name}, not {family}'s {' or '.join(networks)}{hint}. "
+                              f"Expected: {source}")
+    args, kwargs = record.state.get("_init_args") or (), record.state.get("_init_kwargs")
+    if not isinstance(kwargs, dict) or not isinstance(args, tuple):
+        raise CheckpointError(f"{path}[{key!r}] does not record its constructor arguments (_init_kwargs)")
+    try:
+        net = networks[name](*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}[{key!r}]: cannot build {name} from {kwargs}: {e}") from e
+    return net, record_state_dict(record)
 
 
 def record_state_dict(record: ModuleRecord, prefix: str = "") -> collections.OrderedDict[str, torch.Tensor]:
